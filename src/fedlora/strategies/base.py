@@ -1,0 +1,278 @@
+"""The contract every aggregation method implements: pure NumPy, no torch, no engine.
+
+ΔW = scale · B · A with A (r x d_in) and B (d_out x r), the PEFT layout (see ALGORITHMS.md).
+
+Wire format for the byte counts (`uplink_nbytes`, `downlink_nbytes`): every transmitted value is a float32,
+i.e. `WIRE_BYTES = 4` bytes per value; headers and module names are not counted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+Update = Mapping[str, "LoraFactors"]
+ScaleForRank = Callable[[int], float]
+
+WIRE_BYTES = 4  # float32 on the wire
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's LoRA factors: ΔW = scale · B @ A."""
+
+    A: np.ndarray  # r x d_in
+    B: np.ndarray  # d_out x r
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self) -> np.ndarray:
+        return self.scale * (self.B @ self.A)
+
+
+@dataclass
+class AggregationResult:
+    """What a round of aggregation produces.
+
+    - `effective_delta(module)`: the global model's weight relative to the base weights it had before this round
+      (adapter delta plus anything merged into the base), d_out x d_in.
+    - `downlink(rank)`: the factors a client of that rank starts the next round from ({} for FLoRA).
+    - `base_delta`: dense deltas every client merges into its frozen base weights (FLoRA, FedEx).
+    - `base_delta_factors`: the same deltas as (B, A) low-rank factors, i.e. what is transmitted.
+    - `downlink_nbytes(rank)`: bytes sent to a client of that rank (float32 wire format).
+    """
+
+    base_delta: dict[str, np.ndarray] = field(default_factory=dict)
+    base_delta_factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def effective_delta(self, module: str) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def downlink(self, rank: int) -> dict[str, LoraFactors]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def downlink_nbytes(self, rank: int) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def base_delta_nbytes(self) -> int:
+        """Bytes of the factored base deltas (sent to every client, sampled or not)."""
+        return WIRE_BYTES * sum(B.size + A.size for B, A in self.base_delta_factors.values())
+
+
+class Strategy:
+    """Base class of the registered methods. Subclasses set the class flags and implement `aggregate`.
+
+    Options common to every method:
+    - `scale_for_rank`: callable r -> the LoRA scale a rank-r client uses (e.g. `lambda r: alpha / r`). Used to
+      label (and, for FFA and FlexLoRA, to build) the downlink of a rank not present in the round's updates.
+      Without it, only ranks seen in the updates can be served.
+    - `seed`: seeds the few deterministic random fills (fresh A rows for slots no client ever held).
+    """
+
+    name: ClassVar[str] = ""
+    trains_A: ClassVar[bool] = True  # False for FFA: A is frozen and shared
+    sends_A: ClassVar[bool] = True  # False for FFA: only B goes up and down
+    supports_mixed_ranks: ClassVar[bool] = True
+    fresh_lora_each_round: ClassVar[bool] = False  # FLoRA: every round starts from A random, B = 0
+    # True when the aggregate is a slot-wise weighted sum of what clients send with data-independent
+    # coefficients: client-level DP noise can then be added to the sum of the sent factors.
+    linear: ClassVar[bool] = False
+
+    def __init__(self, scale_for_rank: ScaleForRank | None = None, seed: int = 0) -> None:
+        self.scale_for_rank = scale_for_rank
+        self.seed = int(seed)
+
+    def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> AggregationResult:
+        raise NotImplementedError
+
+    @classmethod
+    def uplink_nbytes(cls, update: Update) -> int:
+        """Bytes a client sends for `update` (float32 wire format): B always, A only if the method sends A."""
+        return sum(factors_nbytes(f, with_A=cls.sends_A) for f in update.values())
+
+    # Strategies with state across rounds override these; the state must survive a checkpoint/resume.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+def factors_nbytes(factors: LoraFactors, with_A: bool = True) -> int:
+    """Wire bytes of one module's factors (float32 per value)."""
+    return WIRE_BYTES * (factors.B.size + (factors.A.size if with_A else 0))
+
+
+_REGISTRY: dict[str, Callable[..., Strategy]] = {}
+
+
+def register(name: str):
+    """Class decorator: one registry for every method, looked up by name."""
+
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_strategy(name: str, **options) -> Strategy:
+    """Instantiate the method registered as `name` with its options; unknown names/options raise ValueError."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
+    cls = _REGISTRY[name]
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as err:
+        accepted = ", ".join(p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs"))
+        raise ValueError(f"strategy {name!r}: bad options {sorted(options)} ({err}); accepted: {accepted}") from None
+    return cls(**options)
+
+
+def available_strategies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared validation and small pure helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def normalize_weights(weights: Sequence[float], n: int, method: str = "") -> np.ndarray:
+    """Check weights (length n, finite, >= 0, not all zero) and return them summing to 1."""
+    where = f"{method}: " if method else ""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size != n:
+        raise ValueError(f"{where}got {w.size} weights for {n} clients")
+    for k, wk in enumerate(w):
+        if not np.isfinite(wk) or wk < 0:
+            raise ValueError(f"{where}client {k}: weight {wk} must be finite and >= 0")
+    total = w.sum()
+    if total <= 0:
+        raise ValueError(f"{where}all client weights are zero")
+    return w / total
+
+
+def validate_updates(
+    updates: Sequence[Update],
+    weights: Sequence[float],
+    method: str = "",
+    same_ranks: bool = False,
+) -> tuple[list[dict[str, LoraFactors]], np.ndarray, list[str]]:
+    """The one validation every `aggregate` runs.
+
+    Returns (float64 copies of the updates, weights normalised to sum 1, sorted module names). Raises ValueError
+    naming the client index and module for: empty updates, bad weights, mismatched module sets, non-2-D or
+    inconsistent A/B shapes, d_in/d_out differing between clients, non-finite values or scales, and, when
+    `same_ranks`, a rank or scale differing from client 0's.
+    """
+    where = f"{method}: " if method else ""
+    if len(updates) == 0:
+        raise ValueError(f"{where}no client updates to aggregate")
+    p = normalize_weights(weights, len(updates), method)
+    modules = sorted(updates[0].keys())
+    if not modules:
+        raise ValueError(f"{where}client 0 sent no modules")
+    out: list[dict[str, LoraFactors]] = []
+    for k, upd in enumerate(updates):
+        names = set(upd.keys())
+        if names != set(modules):
+            missing, extra = sorted(set(modules) - names), sorted(names - set(modules))
+            raise ValueError(
+                f"{where}client {k}: module set differs from client 0's (missing {missing}, unexpected {extra})"
+            )
+        out.append({m: _checked_factors(upd[m], k, m, where) for m in modules})
+    for m in modules:
+        ref = out[0][m]
+        for k in range(1, len(out)):
+            f = out[k][m]
+            if f.A.shape[1] != ref.A.shape[1] or f.B.shape[0] != ref.B.shape[0]:
+                raise ValueError(
+                    f"{where}client {k}, module {m!r}: d_out x d_in = {f.B.shape[0]} x {f.A.shape[1]} differs "
+                    f"from client 0's {ref.B.shape[0]} x {ref.A.shape[1]}"
+                )
+            if same_ranks and f.rank != ref.rank:
+                raise ValueError(
+                    f"{where}client {k}, module {m!r}: rank {f.rank} differs from client 0's rank {ref.rank} "
+                    f"({method or 'this method'} cannot take mixed ranks)"
+                )
+            if same_ranks and not math.isclose(f.scale, ref.scale, rel_tol=1e-12):
+                raise ValueError(
+                    f"{where}client {k}, module {m!r}: scale {f.scale} differs from client 0's {ref.scale} "
+                    f"({method or 'this method'} averages factors under one common scale)"
+                )
+    return out, p, modules
+
+
+def _checked_factors(f: LoraFactors, k: int, m: str, where: str) -> LoraFactors:
+    tag = f"{where}client {k}, module {m!r}"
+    if not isinstance(f, LoraFactors):
+        raise ValueError(f"{tag}: expected LoraFactors, got {type(f).__name__}")
+    A = np.asarray(f.A, dtype=np.float64)
+    B = np.asarray(f.B, dtype=np.float64)
+    if A.ndim != 2 or B.ndim != 2:
+        raise ValueError(f"{tag}: A and B must be 2-D, got A{A.shape} B{B.shape}")
+    if A.shape[0] != B.shape[1]:
+        raise ValueError(f"{tag}: A is {A.shape} (r x d_in) but B is {B.shape} (d_out x r): ranks disagree")
+    if A.shape[0] < 1:
+        raise ValueError(f"{tag}: rank must be >= 1")
+    if not np.isfinite(A).all():
+        raise ValueError(f"{tag}: A has non-finite values")
+    if not np.isfinite(B).all():
+        raise ValueError(f"{tag}: B has non-finite values")
+    scale = float(f.scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{tag}: scale {f.scale} must be finite and > 0")
+    return LoraFactors(A=A, B=B, scale=scale)
+
+
+def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Σ p_k x_k with p = weights normalised to sum 1 (e.g. the server's non-LoRA tensors, a classifier head)."""
+    if len(arrays) == 0:
+        raise ValueError("weighted_mean: no arrays")
+    p = normalize_weights(weights, len(arrays), "weighted_mean")
+    xs = [np.asarray(a, dtype=np.float64) for a in arrays]
+    for k, x in enumerate(xs):
+        if x.shape != xs[0].shape:
+            raise ValueError(f"weighted_mean: client {k}: shape {x.shape} differs from client 0's {xs[0].shape}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"weighted_mean: client {k}: non-finite values")
+    return np.tensordot(p, np.stack(xs), axes=1)
+
+
+def product_fro_norm(B: np.ndarray, A: np.ndarray) -> float:
+    """‖B A‖_F from the r x r Gram matrices, never forming the d_out x d_in product:
+    ‖BA‖_F² = trace((BᵀB)(AAᵀ)) = Σ (BᵀB) ∘ (AAᵀ) (both symmetric)."""
+    return math.sqrt(max(float(np.sum((B.T @ B) * (A @ A.T))), 0.0))
+
+
+def resolve_scale(rank: int, seen: Mapping[int, float], scale_for_rank: ScaleForRank | None, method: str) -> float:
+    """The scale a rank-`rank` client uses: `scale_for_rank(rank)` if given, else the one seen in the updates."""
+    if scale_for_rank is not None:
+        s = float(scale_for_rank(rank))
+        if not math.isfinite(s) or s <= 0:
+            raise ValueError(f"{method}: scale_for_rank({rank}) = {s} must be finite and > 0")
+        return s
+    if rank in seen:
+        return seen[rank]
+    raise ValueError(
+        f"{method}: no scale known for rank {rank} (ranks seen this round: {sorted(seen)}); "
+        "construct the strategy with scale_for_rank=lambda r: alpha / r"
+    )
+
+
+def scales_by_rank(updates: Sequence[Mapping[str, LoraFactors]], module: str) -> dict[int, float]:
+    """rank -> scale of the first client of that rank in the updates (for one module)."""
+    seen: dict[int, float] = {}
+    for upd in updates:
+        f = upd[module]
+        seen.setdefault(f.rank, f.scale)
+    return seen

@@ -1,0 +1,43 @@
+"""FedIT: plain weighted averaging of A and B (the inexact baseline; equal ranks only)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .base import LoraFactors, Strategy, Update, register, validate_updates
+from .common import PrefixResult
+
+
+def average_factors(
+    updates: Sequence[dict[str, LoraFactors]], p: np.ndarray, module: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Ā, B̄) = (Σ p_k A_k, Σ p_k B_k) for one module (equal shapes, validated by the caller)."""
+    A_bar = sum(pk * u[module].A for pk, u in zip(p, updates))
+    B_bar = sum(pk * u[module].B for pk, u in zip(p, updates))
+    return A_bar, B_bar
+
+
+def averaged_result(method: str, updates: Sequence[dict[str, LoraFactors]], p: np.ndarray,
+                    modules: Sequence[str], scale_for_rank=None,
+                    result_cls: type[PrefixResult] = PrefixResult) -> PrefixResult:
+    """The FedIT global adapter (Ā, B̄, s) for every module; FedEx and LoRA-FAIR start from it."""
+    res = result_cls(method=method, fixed_rank=True, scale_for_rank=scale_for_rank)
+    for m in modules:
+        res.A[m], res.B[m] = average_factors(updates, p, m)
+        res.scale[m] = updates[0][m].scale
+        res.seen_scales[m] = {updates[0][m].rank: updates[0][m].scale}
+    return res
+
+
+@register("fedit")
+class FedIT(Strategy):
+    """Ā = Σ p_k A_k, B̄ = Σ p_k B_k; global ΔW = s·B̄Ā, which misses Σ p_k (B_k − B̄)(A_k − Ā)."""
+
+    supports_mixed_ranks = False
+    linear = True
+
+    def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> PrefixResult:
+        ups, p, modules = validate_updates(updates, weights, self.name, same_ranks=True)
+        return averaged_result(self.name, ups, p, modules, self.scale_for_rank)

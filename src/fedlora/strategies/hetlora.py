@@ -1,0 +1,75 @@
+"""HetLoRA: zero-padding weighted by update norms, plus the client's rank self-pruning rule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .base import LoraFactors, Update, product_fro_norm, register, validate_updates
+from .common import PrefixResult, slotwise_result
+from .zeropad import ZeroPad
+
+
+def norm_weights(factors: Sequence[LoraFactors], fallback: np.ndarray) -> np.ndarray:
+    """S_k / Σ S_j with S_k = ‖s_k B_k A_k‖_F (from r x r Grams). All-zero norms (e.g. every B still 0):
+    fall back to `fallback` (the data weights) rather than divide by zero."""
+    S = np.array([f.scale * product_fro_norm(f.B, f.A) for f in factors])
+    total = S.sum()
+    return S / total if total > 0 else np.asarray(fallback, dtype=float)
+
+
+def tail_start(rank: int, gamma: float) -> int:
+    """⌊γ·r⌋: the first slot of the pruned tail (a tiny epsilon absorbs float error, e.g. 0.29·100)."""
+    return int(math.floor(gamma * rank + 1e-9))
+
+
+def tail_norm(A: np.ndarray, B: np.ndarray, gamma: float) -> float:
+    """‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:, :]‖_F, the quantity HetLoRA's penalty λ·(...) pushes down."""
+    k = tail_start(A.shape[0], gamma)
+    return float(np.linalg.norm(B[:, k:]) * np.linalg.norm(A[k:, :]))
+
+
+def pruned_rank(rank: int, tail_before: float, tail_after: float, gamma: float, min_rank: int = 1) -> int:
+    """The client's rank after local training: ⌊γ·r⌋ (at least `min_rank`) if the tail norm shrank, else r."""
+    if tail_after < tail_before:
+        return max(min(min_rank, rank), tail_start(rank, gamma))
+    return rank
+
+
+@dataclass
+class HetLoRAResult(PrefixResult):
+    client_weights: dict[str, np.ndarray] = field(default_factory=dict)  # S_k / Σ S_j per module
+
+
+@register("hetlora")
+class HetLoRA(ZeroPad):
+    """Zero-padding with per-module weights S_k / Σ S_j, S_k = ‖s_k B_k A_k‖_F (data sizes ignored).
+
+    Options read by the client: `gamma` (pruning ratio, default 0.9: a rank-8 client drops to 7), `lam`
+    (penalty weight on `tail_norm`, default 1e-3), `min_rank` (never prune below, default 1).
+    `result.client_weights[module]` holds the norm weights. The server tracks each client's current rank.
+    """
+
+    linear = False  # the weights depend on the data (the update norms)
+
+    def __init__(self, gamma: float = 0.9, lam: float = 1e-3, min_rank: int = 1, scale_for_rank=None,
+                 seed: int = 0) -> None:
+        super().__init__(scale_for_rank=scale_for_rank, seed=seed)
+        if not 0 < gamma <= 1:
+            raise ValueError(f"hetlora: gamma must be in (0, 1], got {gamma}")
+        if lam < 0:
+            raise ValueError(f"hetlora: lam must be >= 0, got {lam}")
+        if min_rank < 1:
+            raise ValueError(f"hetlora: min_rank must be >= 1, got {min_rank}")
+        self.gamma, self.lam, self.min_rank = float(gamma), float(lam), int(min_rank)
+
+    def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> HetLoRAResult:
+        ups, p, modules = validate_updates(updates, weights, self.name)
+        w = {m: norm_weights([u[m] for u in ups], p) for m in modules}
+        res = slotwise_result(self.name, ups, modules, w.__getitem__, False, self.memory, self.scale_for_rank,
+                              result_cls=HetLoRAResult)
+        res.client_weights = w
+        return res

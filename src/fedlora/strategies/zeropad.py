@@ -1,0 +1,35 @@
+"""Zero-padding: pad A rows / B columns to the widest rank, weighted mean over all clients, truncate down."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .base import Strategy, Update, register, validate_updates
+from .common import PrefixResult, SlotMemory, slotwise_result
+
+
+@register("zeropad")
+class ZeroPad(Strategy):
+    """Slot j of A and of B is Σ_k p_k pad(X_k)[j]: diluted by c_j = Σ_{k: r_k>j} p_k per factor.
+
+    State: the last global slots, used for slots that no weighted client held this round (see SlotMemory);
+    checkpoint it with `state_dict()`.
+    """
+
+    linear = True
+    per_slot_mean = False
+
+    def __init__(self, scale_for_rank=None, seed: int = 0) -> None:
+        super().__init__(scale_for_rank=scale_for_rank, seed=seed)
+        self.memory = SlotMemory(self.seed)
+
+    def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> PrefixResult:
+        ups, p, modules = validate_updates(updates, weights, self.name)
+        return slotwise_result(self.name, ups, modules, lambda m: p, self.per_slot_mean, self.memory,
+                               self.scale_for_rank)
+
+    def state_dict(self) -> dict:
+        return {"global": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory.load_state_dict(state.get("global", {}))

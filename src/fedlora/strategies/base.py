@@ -255,7 +255,12 @@ def product_fro_norm(B: np.ndarray, A: np.ndarray) -> float:
 
 
 def resolve_scale(rank: int, seen: Mapping[int, float], scale_for_rank: ScaleForRank | None, method: str) -> float:
-    """The scale a rank-`rank` client uses: `scale_for_rank(rank)` if given, else the one seen in the updates."""
+    """The scale a rank-`rank` client uses.
+
+    In order: `scale_for_rank(rank)` if given; the scale seen for that rank in the updates; else, when at least
+    two distinct ranks were seen and exactly one of the usual laws fits them all (constant, alpha/r as in PEFT,
+    alpha/sqrt(r) as in rsLoRA), that law. Anything else raises ValueError asking for `scale_for_rank`.
+    """
     if scale_for_rank is not None:
         s = float(scale_for_rank(rank))
         if not math.isfinite(s) or s <= 0:
@@ -263,6 +268,15 @@ def resolve_scale(rank: int, seen: Mapping[int, float], scale_for_rank: ScaleFor
         return s
     if rank in seen:
         return seen[rank]
+    if len(seen) >= 2:
+        laws = [lambda r: 1.0, lambda r: 1.0 / r, lambda r: 1.0 / math.sqrt(r)]
+        fits = []
+        for law in laws:
+            alphas = [s / law(r) for r, s in seen.items()]
+            if max(alphas) - min(alphas) <= 1e-9 * max(alphas):
+                fits.append(alphas[0] * law(rank))
+        if len(fits) == 1:
+            return fits[0]
     raise ValueError(
         f"{method}: no scale known for rank {rank} (ranks seen this round: {sorted(seen)}); "
         "construct the strategy with scale_for_rank=lambda r: alpha / r"

@@ -1,0 +1,348 @@
+"""The public contract of fedlora.strategies: registry, flags, validation errors, downlink shapes, byte counts,
+state across rounds and the small shared helpers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fedlora.strategies as strategies
+from fedlora.strategies import (
+    WIRE_BYTES,
+    LoraFactors,
+    available_strategies,
+    get_strategy,
+    product_fro_norm,
+    weighted_mean,
+)
+
+NAMES = ["fedit", "ffa", "rbla", "zeropad", "hetlora", "flora", "flexlora", "fedex", "lora-fair"]
+MIXED = ["ffa", "rbla", "zeropad", "hetlora", "flora", "flexlora"]
+SAME_RANK_ONLY = ["fedit", "fedex", "lora-fair"]
+SHAPES = {"q": (8, 8), "v": (8, 8), "out": (6, 11)}  # d_out x d_in; q, v square
+ALPHA = 16.0
+
+
+def scale(r: int) -> float:
+    return ALPHA / r
+
+
+def make_round(ranks, seed=0, shared_A=True):
+    """Client updates with ranks[k] per module; A nested prefixes of one A_max (valid for FFA too)."""
+    rng = np.random.default_rng(seed)
+    r_max = max(ranks)
+    A_max = {m: rng.normal(size=(r_max, d_in)) for m, (_, d_in) in SHAPES.items()}
+    ups = []
+    for r in ranks:
+        ups.append({
+            m: LoraFactors(
+                A=A_max[m][:r].copy() if shared_A else rng.normal(size=(r, d_in)),
+                B=rng.normal(size=(d_out, r)),
+                scale=scale(r),
+            )
+            for m, (d_out, d_in) in SHAPES.items()
+        })
+    return ups, list(rng.uniform(1, 5, size=len(ranks)))
+
+
+def replace(update, module, **changes):
+    f = update[module]
+    out = dict(update)
+    out[module] = LoraFactors(A=changes.get("A", f.A), B=changes.get("B", f.B), scale=changes.get("scale", f.scale))
+    return out
+
+
+# Registry and flags --------------------------------------------------------------------------------------------------
+def test_registry_names_and_flags():
+    assert sorted(available_strategies()) == sorted(NAMES)
+    linear = {n for n in NAMES if get_strategy(n).linear}
+    assert linear == {"fedit", "ffa", "zeropad", "rbla"}
+    assert {n for n in NAMES if not get_strategy(n).supports_mixed_ranks} == set(SAME_RANK_ONLY)
+    assert {n for n in NAMES if get_strategy(n).fresh_lora_each_round} == {"flora"}
+    ffa = get_strategy("ffa")
+    assert not ffa.trains_A and not ffa.sends_A
+    assert all(get_strategy(n).sends_A for n in NAMES if n != "ffa")
+    for n in NAMES:
+        assert get_strategy(n).name == n
+
+
+def test_unknown_strategy_and_bad_options_raise_value_error():
+    with pytest.raises(ValueError, match="unknown strategy 'fedavg'"):
+        get_strategy("fedavg")
+    with pytest.raises(ValueError, match="fedit.*bad options"):
+        get_strategy("fedit", gamma=0.5)
+    with pytest.raises(ValueError, match="gamma"):
+        get_strategy("hetlora", gamma=1.5)
+    with pytest.raises(ValueError, match="lam"):
+        get_strategy("lora-fair", lam=-1.0)
+
+
+def test_no_torch_in_strategies():
+    root = Path(strategies.__file__).parent
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        assert "import torch" not in text and "from torch" not in text, path.name
+
+
+def test_one_file_per_method():
+    root = Path(strategies.__file__).parent
+    for n in NAMES:
+        assert (root / f"{n.replace('-', '_')}.py").exists()
+
+
+# Validation -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_non_finite_values_name_client_and_module(name):
+    ups, w = make_round([3, 3, 3])
+    B = ups[1]["v"].B.copy()
+    B[2, 1] = np.nan
+    ups[1] = replace(ups[1], "v", B=B)
+    with pytest.raises(ValueError, match=r"client 1, module 'v': B has non-finite"):
+        get_strategy(name).aggregate(ups, w)
+    ups, w = make_round([3, 3, 3])
+    A = ups[2]["q"].A.copy()
+    A[0, 0] = np.inf
+    ups[2] = replace(ups[2], "q", A=A)
+    with pytest.raises(ValueError, match=r"client 2, module 'q': A has non-finite"):
+        get_strategy(name).aggregate(ups, w)
+    ups, w = make_round([3, 3])
+    ups[1] = replace(ups[1], "out", scale=float("nan"))
+    with pytest.raises(ValueError, match=r"client 1, module 'out': scale"):
+        get_strategy(name).aggregate(ups, w)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mismatched_module_sets(name):
+    ups, w = make_round([2, 2, 2])
+    ups[2] = {m: f for m, f in ups[2].items() if m != "v"}
+    with pytest.raises(ValueError, match=r"client 2: module set.*missing \['v'\]"):
+        get_strategy(name).aggregate(ups, w)
+    ups, w = make_round([2, 2])
+    ups[1] = dict(ups[1], extra=ups[1]["q"])
+    with pytest.raises(ValueError, match=r"client 1: module set.*unexpected \['extra'\]"):
+        get_strategy(name).aggregate(ups, w)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_mismatches(name):
+    ups, w = make_round([2, 2, 2])
+    ups[1] = replace(ups[1], "q", B=np.ones((8, 3)))  # A has 2 rows, B 3 columns
+    with pytest.raises(ValueError, match=r"client 1, module 'q'.*ranks disagree"):
+        get_strategy(name).aggregate(ups, w)
+    ups, w = make_round([2, 2, 2], shared_A=False)
+    ups[2] = replace(ups[2], "out", A=np.ones((2, 12)))  # d_in 12 instead of 11
+    with pytest.raises(ValueError, match=r"client 2, module 'out'.*differs from client 0"):
+        get_strategy(name).aggregate(ups, w)
+    ups, w = make_round([2, 2])
+    ups[1] = replace(ups[1], "v", A=np.ones(8), B=np.ones((8, 1)))
+    with pytest.raises(ValueError, match=r"client 1, module 'v'.*2-D"):
+        get_strategy(name).aggregate(ups, w)
+
+
+@pytest.mark.parametrize("name", SAME_RANK_ONLY)
+def test_mixed_ranks_refused(name):
+    ups, w = make_round([4, 4, 2])
+    with pytest.raises(ValueError, match=rf"client 2, module '(out|q|v)': rank 2 differs.*{name} cannot take mixed"):
+        get_strategy(name).aggregate(ups, w)
+    ups, w = make_round([4, 4])
+    ups[1] = replace(ups[1], "q", scale=1.0)
+    with pytest.raises(ValueError, match=r"client 1, module 'q': scale"):
+        get_strategy(name).aggregate(ups, w)
+
+
+@pytest.mark.parametrize("name", MIXED)
+def test_mixed_ranks_accepted(name):
+    ups, w = make_round([1, 4, 2, 3])
+    get_strategy(name).aggregate(ups, w)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "weights, pattern",
+    [([1.0], r"got 1 weights for 2 clients"), ([1.0, -1.0], r"client 1: weight -1"),
+     ([0.0, 0.0], r"all client weights are zero"), ([1.0, float("nan")], r"client 1: weight nan")],
+)
+def test_bad_weights(name, weights, pattern):
+    ups, _ = make_round([2, 2])
+    with pytest.raises(ValueError, match=pattern):
+        get_strategy(name).aggregate(ups, weights)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_updates(name):
+    with pytest.raises(ValueError, match="no client updates"):
+        get_strategy(name).aggregate([], [])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weights_are_normalised_inside(name):
+    ups, w = make_round([3, 3, 3])
+    a = get_strategy(name).aggregate(ups, w)
+    b = get_strategy(name).aggregate(ups, [7.5 * x for x in w])
+    for m in SHAPES:
+        assert np.allclose(a.effective_delta(m), b.effective_delta(m), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_inputs_accepted(name):
+    ups, w = make_round([3, 3])
+    ups32 = [{m: LoraFactors(f.A.astype(np.float32), f.B.astype(np.float32), f.scale) for m, f in u.items()}
+             for u in ups]
+    res = get_strategy(name).aggregate(ups32, w)
+    assert res.effective_delta("q").dtype == np.float64
+
+
+# Downlink shapes per rank ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MIXED)
+def test_downlink_shapes_mixed(name):
+    ups, w = make_round([2, 5, 3])
+    res = get_strategy(name, scale_for_rank=scale).aggregate(ups, w)
+    for r in range(1, 6):
+        down = res.downlink(r)
+        if name == "flora":
+            assert down == {}
+            continue
+        assert set(down) == set(SHAPES)
+        for m, (d_out, d_in) in SHAPES.items():
+            assert down[m].A.shape == (r, d_in) and down[m].B.shape == (d_out, r)
+            assert math.isclose(down[m].scale, scale(r))
+            assert np.isfinite(down[m].A).all() and np.isfinite(down[m].B).all()
+        assert get_strategy(name).uplink_nbytes(ups[0]) > 0
+
+
+@pytest.mark.parametrize("name", SAME_RANK_ONLY)
+def test_downlink_shapes_same_rank(name):
+    ups, w = make_round([4, 4, 4])
+    res = get_strategy(name).aggregate(ups, w)
+    for m, (d_out, d_in) in SHAPES.items():
+        f = res.downlink(4)[m]
+        assert f.A.shape == (4, d_in) and f.B.shape == (d_out, 4) and f.scale == scale(4)
+    with pytest.raises(ValueError, match="cannot serve rank 3"):
+        res.downlink(3)
+
+
+@pytest.mark.parametrize("name", ["rbla", "zeropad", "hetlora", "flexlora"])
+def test_downlink_above_round_rank_stays_trainable(name):
+    """A rank larger than any sampled client's: slots exist, A rows are non-zero (else both grads vanish)."""
+    ups, w = make_round([2, 1])
+    res = get_strategy(name, scale_for_rank=scale).aggregate(ups, w)
+    for m, f in res.downlink(6).items():
+        assert f.A.shape[0] == 6 and np.all(np.linalg.norm(f.A, axis=1) > 0)
+        # the extra slots change nothing: B columns are 0 there (fresh) or carried from earlier rounds
+        assert np.allclose(f.B[:, 2:], 0)
+
+
+def test_downlink_scale_needs_scale_for_rank_when_ambiguous():
+    ups, w = make_round([4, 4])
+    res = get_strategy("rbla").aggregate(ups, w)
+    with pytest.raises(ValueError, match="no scale known for rank 2.*scale_for_rank"):
+        res.downlink(2)
+    assert get_strategy("rbla", scale_for_rank=scale).aggregate(ups, w).downlink(2)["q"].scale == scale(2)
+    ups, w = make_round([4, 2])  # two ranks seen: alpha/r is the only law that fits, so rank 3 is inferred
+    assert math.isclose(get_strategy("rbla").aggregate(ups, w).downlink(3)["q"].scale, ALPHA / 3)
+
+
+def test_ffa_rank_above_shared_A_refused():
+    ups, w = make_round([2, 3])
+    res = get_strategy("ffa", scale_for_rank=scale).aggregate(ups, w)
+    with pytest.raises(ValueError, match="exceeds the shared A"):
+        res.downlink(4)
+
+
+# State across rounds --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["rbla", "zeropad", "hetlora"])
+def test_slots_nobody_held_keep_previous_global(name):
+    strat = get_strategy(name, scale_for_rank=scale)
+    ups1, w1 = make_round([2, 6], seed=1)
+    first = strat.aggregate(ups1, w1).downlink(6)
+    ups2, w2 = make_round([2, 3], seed=2)
+    res2 = strat.aggregate(ups2, w2)
+    second = res2.downlink(6)
+    for m in SHAPES:
+        assert np.array_equal(second[m].A[3:], first[m].A[3:]) and np.array_equal(second[m].B[:, 3:], first[m].B[:, 3:])
+        assert np.array_equal(second[m].A[:3], res2.A[m])
+    # the memory survives a checkpoint: a fresh strategy loaded with the state serves the same slots
+    clone = get_strategy(name, scale_for_rank=scale)
+    clone.load_state_dict(strat.state_dict())
+    ups3, w3 = make_round([1, 2], seed=3)
+    a, b = strat.aggregate(ups3, w3).downlink(6), clone.aggregate(ups3, w3).downlink(6)
+    for m in SHAPES:
+        assert np.array_equal(a[m].A, b[m].A) and np.array_equal(a[m].B, b[m].B)
+
+
+def test_zero_weight_client_does_not_kill_its_slots():
+    ups, _ = make_round([2, 5])
+    res = get_strategy("rbla").aggregate(ups, [1.0, 0.0])
+    assert np.all(res.slot_weights["q"][2:] == 0)
+    assert np.all(np.linalg.norm(res.A["q"], axis=1) > 0)
+
+
+def test_ffa_state_roundtrip_keeps_checking_A():
+    ups, w = make_round([2, 4])
+    ffa = get_strategy("ffa")
+    ffa.aggregate(ups, w)
+    clone = get_strategy("ffa", scale_for_rank=scale)
+    clone.load_state_dict(ffa.state_dict())
+    assert clone.aggregate(ups[:1], [1.0]).downlink(4)["q"].A.shape == (4, 8)  # rows 2..3 from the shared A
+    other, _ = make_round([2], seed=9)
+    with pytest.raises(ValueError, match="shared A of earlier rounds"):
+        clone.aggregate(other, [1.0])
+
+
+# Byte counts ---------------------------------------------------------------------------------------------------------
+def test_uplink_bytes_ffa_is_half_of_fedit_for_square_modules():
+    ups, _ = make_round([4])
+    square = {m: f for m, f in ups[0].items() if SHAPES[m][0] == SHAPES[m][1]}
+    fedit, ffa = get_strategy("fedit"), get_strategy("ffa")
+    assert ffa.uplink_nbytes(square) * 2 == fedit.uplink_nbytes(square)
+    assert fedit.uplink_nbytes(square) == WIRE_BYTES * sum((8 + 8) * 4 for _ in square)
+    full = ups[0]
+    assert ffa.uplink_nbytes(full) == WIRE_BYTES * 4 * sum(d_out for d_out, _ in SHAPES.values())
+    for n in NAMES:
+        if n != "ffa":
+            assert get_strategy(n).uplink_nbytes(full) == fedit.uplink_nbytes(full)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_downlink_bytes(name):
+    K, r = 3, 4
+    ups, w = make_round([r] * K)
+    res = get_strategy(name).aggregate(ups, w)
+    per_rank_AB = sum(d_out + d_in for d_out, d_in in SHAPES.values()) * r * WIRE_BYTES
+    per_rank_B = sum(d_out for d_out, _ in SHAPES.values()) * r * WIRE_BYTES
+    expected = {
+        "fedit": per_rank_AB, "lora-fair": per_rank_AB, "rbla": per_rank_AB, "zeropad": per_rank_AB,
+        "hetlora": per_rank_AB, "flexlora": per_rank_AB, "ffa": per_rank_B,
+        "flora": K * per_rank_AB,  # the stacked factors, Σ r_k wide
+        "fedex": per_rank_AB + (K - 1) * per_rank_AB,  # averages plus the (K−1)·r residual factors
+    }[name]
+    assert res.downlink_nbytes(r) == expected
+    if name not in ("flora", "fedex"):
+        sent = res.downlink(r)
+        counted = sum(f.B.size + (f.A.size if name != "ffa" else 0) for f in sent.values()) * WIRE_BYTES
+        assert counted == expected
+
+
+# Shared helpers -------------------------------------------------------------------------------------------------------
+def test_weighted_mean():
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(3, 2)) for _ in range(4)]
+    w = [1.0, 2.0, 3.0, 4.0]
+    assert np.allclose(weighted_mean(xs, w), sum(wi * x for wi, x in zip(w, xs)) / 10.0, rtol=1e-14)
+    with pytest.raises(ValueError, match="client 2: shape"):
+        weighted_mean([xs[0], xs[1], np.zeros(3)], [1, 1, 1])
+    with pytest.raises(ValueError, match="client 1: non-finite"):
+        weighted_mean([xs[0], np.full((3, 2), np.nan)], [1, 1])
+    with pytest.raises(ValueError, match="all client weights are zero"):
+        weighted_mean(xs[:2], [0, 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_product_fro_norm_from_grams(seed):
+    rng = np.random.default_rng(seed)
+    r = int(rng.integers(1, 6))
+    A, B = rng.normal(size=(r, 13)), rng.normal(size=(9, r))
+    assert math.isclose(product_fro_norm(B, A), np.linalg.norm(B @ A), rel_tol=1e-10)

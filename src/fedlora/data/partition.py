@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-# flwr-datasets retries a Dirichlet draw 10 times when a client is below min_partition_size, then
-# raises; we restart it with derived seeds this many times before giving up.
-DIRICHLET_RESTARTS = 20
+# Random draws that can fail (a Dirichlet client below min_size, a label-skew label left on no client)
+# are restarted with seeds derived from the user's seed, at most this many times. flwr-datasets itself
+# redraws a Dirichlet partition 10 more times inside each restart before raising.
+RESTARTS = 20
 
 
 def partition_indices(
@@ -55,6 +56,8 @@ def partition_indices(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
+    if num_clients * min_size > n:
+        raise ValueError(f"{num_clients} clients cannot each get min_size={min_size} of {n} rows")
     if label_fractions is not None and scheme != "fractions":
         raise ValueError(f"label_fractions is only used by scheme 'fractions', not '{scheme}'")
     if classes_per_client is not None and scheme != "label-skew":
@@ -98,11 +101,17 @@ def _label_dataset(labels: np.ndarray):
     """In-memory datasets.Dataset: the label column to partition by, and each row's original position."""
     import datasets
 
-    return datasets.Dataset.from_dict({"label": labels.tolist(), "idx": list(range(len(labels)))})
+    return datasets.Dataset.from_dict({"label": labels, "idx": np.arange(len(labels), dtype=np.int64)})
 
 
 def _collect(partitioner, num_clients: int) -> list[np.ndarray]:
-    return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64) for i in range(num_clients)]
+    # Slice, not partition["idx"]: a datasets 4 Column converts row by row, a slice in one batch.
+    return [np.asarray(partitioner.load_partition(i)[:]["idx"], dtype=np.int64) for i in range(num_clients)]
+
+
+def _restart_seed(seed: int, restart: int) -> int:
+    """Restart 0 uses the seed itself, so a first-time success matches flwr-datasets called with it."""
+    return seed if restart == 0 else int(np.random.SeedSequence([seed, restart]).generate_state(1)[0])
 
 
 def _check_min_size(parts: list[np.ndarray], min_size: int, scheme: str) -> list[np.ndarray]:
@@ -130,12 +139,10 @@ def _dirichlet(
 
     dataset = _label_dataset(labels)
     last_error = ""
-    for restart in range(DIRICHLET_RESTARTS):
-        # Restart 0 uses the seed itself, so results match flwr-datasets called with that seed.
-        run_seed = seed if restart == 0 else int(np.random.SeedSequence([seed, restart]).generate_state(1)[0])
+    for restart in range(RESTARTS):
         partitioner = DirichletPartitioner(
             num_partitions=num_clients, partition_by="label", alpha=alpha,
-            min_partition_size=min_size, self_balancing=False, shuffle=True, seed=run_seed,
+            min_partition_size=min_size, self_balancing=False, shuffle=True, seed=_restart_seed(seed, restart),
         )
         partitioner.dataset = dataset
         try:
@@ -147,7 +154,7 @@ def _dirichlet(
             last_error = str(exc)
     raise ValueError(
         f"dirichlet partition (alpha={alpha}, {num_clients} clients, {len(labels)} rows) left a client below "
-        f"min_size={min_size} in {DIRICHLET_RESTARTS * 11} draws ({last_error.splitlines()[0]}); "
+        f"min_size={min_size} in {RESTARTS * 11} draws ({last_error.splitlines()[0]}); "
         "raise alpha or lower num_clients/min_size"
     )
 
@@ -166,20 +173,24 @@ def _label_skew(
             f"label-skew with {num_clients} clients x {k} classes each cannot cover {len(present)} labels; "
             "use more clients or classes_per_client"
         )
-    partitioner = PathologicalPartitioner(
-        num_partitions=num_clients, partition_by="label", num_classes_per_partition=k,
-        class_assignment_mode="first-deterministic", shuffle=True, seed=seed,
-    )
-    partitioner.dataset = _label_dataset(labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # unused labels are reported below as an error
-        parts = _collect(partitioner, num_clients)
-    covered = sum(len(p) for p in parts)
-    if covered != len(labels):
-        used = np.unique(labels[np.concatenate(parts)]) if covered else np.array([], dtype=np.int64)
-        unused = sorted(set(present.tolist()) - set(used.tolist()))
+    dataset = _label_dataset(labels)
+    for restart in range(RESTARTS):
+        # With fewer clients than labels the extra labels are drawn at random and may miss one;
+        # redraw with a derived seed rather than silently dropping that label's rows.
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_clients, partition_by="label", num_classes_per_partition=k,
+            class_assignment_mode="first-deterministic", shuffle=True, seed=_restart_seed(seed, restart),
+        )
+        partitioner.dataset = dataset
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "classes will NOT be used": handled here
+            parts = _collect(partitioner, num_clients)
+        if sum(len(p) for p in parts) == len(labels):
+            break
+    else:
         raise ValueError(
-            f"label-skew (seed={seed}) left labels {unused} on no client; use more clients or classes_per_client"
+            f"label-skew with {num_clients} clients x {k} classes left a label on no client in {RESTARTS} draws; "
+            "use more clients or classes_per_client"
         )
     return _check_min_size(parts, min_size, "label-skew")
 

@@ -257,6 +257,9 @@ def test_stratified_split_keeps_proportions(which, request):
     for part in (train, test):
         share = np.bincount(part.labels, minlength=ds.num_labels) / len(part)
         assert np.max(np.abs(share - overall)) < 0.01
+    # Stratified, not just lucky: each label sends within one row of its exact share to test.
+    per_label_test = np.bincount(test.labels, minlength=ds.num_labels)
+    assert np.all(np.abs(per_label_test - 0.2 * np.bincount(ds.labels, minlength=ds.num_labels)) <= 1)
     # No overlap: rows are unique after dedup, so (text, label) identifies a row.
     assert not set(zip(train.texts, train.labels.tolist())) & set(zip(test.texts, test.labels.tolist()))
 
@@ -320,9 +323,9 @@ def test_partitions_deterministic_per_seed(rt_train):
 
 def test_dirichlet_respects_min_size_and_reports_impossible(rt_train, monkeypatch):
     labels = rt_train.labels
-    monkeypatch.setattr("fedlora.data.partition.RESTARTS", 3)  # fail sooner in the impossible case
     parts = partition_indices(labels, 10, "dirichlet", alpha=0.1, seed=0, min_size=50)
     assert min(len(p) for p in parts) >= 50
+    monkeypatch.setattr("fedlora.data.partition.RESTARTS", 3)  # fail sooner in the impossible case
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # flwr-datasets' per-redraw warnings are silenced inside
         with pytest.raises(ValueError, match="raise alpha"):

@@ -42,7 +42,9 @@ def load_text_dataset(
 
     ``name`` is ``rotten_tomatoes`` (default), ``bbc_news``, ``csv`` or ``jsonl`` (a local file at
     ``path`` with ``text_column``/``label_column``), or else a Hugging Face dataset id (or local
-    dataset folder) loaded with ``datasets.load_dataset(name, split=split)``.
+    dataset folder) loaded with ``datasets.load_dataset(name, split=split)`` (see hub.py for offline
+    behaviour). The embedded datasets ignore ``path``, the column names and ``split``: they are one
+    labelled set, to be divided with ``stratified_split``.
 
     Rows with empty text or a missing label are dropped and counted. Exact (text, label) duplicates are
     dropped unless ``dedup=False``; the same text under different labels is kept and counted. Free-form

@@ -1,0 +1,26 @@
+"""Differential privacy for fedlora clients.
+
+- :mod:`.accountant`: per-client RDP/PRV accountant (Opacus), sigma calibration, budget check, validation.
+- :mod:`.dpsgd`: sample-level DP-SGD on a PEFT model with Opacus (``private_training`` context manager).
+- :mod:`.client_dp`: client-level DP (DP-FedAvg) clipping and noise on NumPy updates.
+"""
+
+from .accountant import ClientAccountant, calibrate_noise_multiplier, validate_privacy_params, would_exceed
+from .client_dp import add_gaussian_noise, client_dp_noise_std, client_sample_rate, clip_update, update_norm
+from .dpsgd import noise_only_step, poisson_batches, private_training, trainable_modules
+
+__all__ = [
+    "ClientAccountant",
+    "add_gaussian_noise",
+    "calibrate_noise_multiplier",
+    "client_dp_noise_std",
+    "client_sample_rate",
+    "clip_update",
+    "noise_only_step",
+    "poisson_batches",
+    "private_training",
+    "trainable_modules",
+    "update_norm",
+    "validate_privacy_params",
+    "would_exceed",
+]

@@ -1,0 +1,202 @@
+"""Sample-level DP-SGD on a (PEFT) model with Opacus, entered and left cheaply once per client per round.
+
+Root cause of "No activations detected for Linear" with Opacus 1.6 + PEFT (``make_private`` on a
+``PeftModelForSequenceClassification``): ``from_pretrained`` returns the base model in *eval* mode, and PEFT's
+``ModulesToSaveWrapper`` builds the trainable head as ``copy.deepcopy(original_module)``, so the trainable
+copy (``classifier.modules_to_save.default``) inherits ``training=False``. (The LoRA ``lora_A``/``lora_B``
+Linears are freshly constructed, hence in train mode; the top-level ``PeftModel.training`` is True too, so
+the model *looks* like it is training.) Opacus' forward hook skips saving activations of any module that is
+not in training mode, but its backward hook still fires for that module because its weight requires grad,
+and finds nothing: the error. It is not the frozen ``original_module`` copy; that one owns no trainable
+parameter and gets no hook.
+
+Fix: attach Opacus' ``GradSampleHooks`` in place (no wrapper module, no data loader, no privacy engine) and,
+for the duration of the block only, put exactly the modules that own trainable parameters into training
+mode. Those are layer types whose forward does not depend on the mode (Linear, Embedding, LayerNorm, ...);
+every other module keeps its mode, so base-model dropout stays as the caller set it. Opacus hooks only
+modules that own trainable parameters, so a frozen ``lora_A`` (FFA-LoRA) gets no hook and costs nothing,
+and PEFT's ``lora.Linear`` wrapper (whose own parameters are all frozen base weights) is skipped while its
+``lora_A``/``lora_B`` ``nn.Linear`` children inside ``ModuleDict``\\ s get Opacus' einsum Linear sampler
+(3-D activations ``(batch, seq, r)`` are summed over ``seq`` by one batched matmul). Configurations that
+cannot be made private (a trainable layer type without an Opacus grad sampler, a trainable layer with
+buffers, a trainable parameter missing from the optimizer) raise ValueError naming the module; nothing
+ever falls back to non-private training.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from opacus.grad_sample import GradSampleHooks
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from .accountant import ClientAccountant, validate_privacy_params
+
+__all__ = ["noise_only_step", "poisson_batches", "private_training", "trainable_modules"]
+
+# Layer types whose forward is the same in train and eval mode (once layers with buffers are refused), so
+# switching them to training mode for Opacus changes nothing but the hooks' behaviour.
+_MODE_FREE_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        nn.Linear,
+        nn.Embedding,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        getattr(nn, "RMSNorm", None),
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+    )
+    if t is not None
+)
+
+# Opacus registers full backward hooks; on the first LoRA layer the input does not require grad (frozen
+# embeddings), which is expected and harmless, but torch warns about it on every step.
+warnings.filterwarnings(
+    "ignore",
+    message="Full backward hook is firing when gradients are computed with respect to module outputs",
+    category=UserWarning,
+)
+
+# Attributes Opacus' hooks and DPOptimizer leave on modules/parameters; removed on exit.
+_MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad")
+_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
+
+
+def poisson_batches(n: int, sample_rate: float, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Poisson-sampled index batches: each of ``n`` examples is in each batch independently with prob q.
+
+    Batches may be empty; the client must then take a noise-only step (see :func:`noise_only_step`),
+    because the accountant assumes exactly this sampling and one noisy step per batch.
+    """
+    if n < 0 or not (0 < sample_rate <= 1) or steps < 0:
+        raise ValueError(f"poisson_batches needs n >= 0, 0 < sample_rate <= 1, steps >= 0; got {n}, {sample_rate}, {steps}")
+    return [np.flatnonzero(rng.random(n) < sample_rate) for _ in range(steps)]
+
+
+def trainable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that directly own a trainable parameter: exactly the ones Opacus hooks.
+
+    Raises ValueError naming the first module for which per-sample gradients cannot be computed safely.
+    """
+    found = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if type(module) not in GradSampleHooks.GRAD_SAMPLERS:
+            raise ValueError(
+                f"cannot make module '{name}' ({type(module).__name__}) private: Opacus has no per-sample "
+                "gradient for this layer type; freeze it or use a supported LoRA configuration"
+            )
+        if any(True for _ in module.buffers(recurse=False)):
+            raise ValueError(f"cannot make module '{name}' ({type(module).__name__}) private: it has buffers")
+        if not module.training and not isinstance(module, _MODE_FREE_TYPES):
+            raise ValueError(
+                f"cannot make module '{name}' ({type(module).__name__}) private: it is in eval mode and its "
+                "forward may depend on the mode; call model.train() first"
+            )
+        found.append((name, module))
+    return found
+
+
+def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    if isinstance(optimizer, DPOptimizer):
+        raise ValueError("private_training needs the plain optimizer, not a DPOptimizer")
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name, p in model.named_parameters():
+        # A trainable parameter outside the optimizer would still receive a raw, unclipped gradient.
+        if p.requires_grad and id(p) not in in_optimizer:
+            raise ValueError(f"trainable parameter '{name}' is not in the optimizer; freeze it or add it")
+
+
+@contextmanager
+def private_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise_multiplier: float,
+    clip: float,
+    expected_batch_size: int,
+    generator: torch.Generator | None = None,
+    accountant: ClientAccountant | None = None,
+    sample_rate: float | None = None,
+    secure_mode: bool = False,
+) -> Iterator[tuple[nn.Module, DPOptimizer]]:
+    """DP-SGD for the block: yields ``(module_to_call, dp_optimizer)``.
+
+    Inside, per step: ``out = module_to_call(**batch)``; ``out.loss.backward()`` (mean-reduced loss);
+    ``dp_optimizer.step()``; ``dp_optimizer.zero_grad()``. For an empty Poisson batch call
+    ``noise_only_step(dp_optimizer)`` then ``dp_optimizer.zero_grad()`` instead of the forward/backward.
+    Each example's gradient over all trainable parameters jointly is clipped to ``clip``, the clipped
+    gradients are summed, N(0, (noise_multiplier*clip)^2) is added and the result divided by
+    ``expected_batch_size`` (Opacus DPOptimizer semantics), then the wrapped optimizer steps.
+
+    With ``accountant`` and ``sample_rate`` given, every step taken (noise-only ones included) is recorded.
+    On exit (normal or exception) every hook and attribute Opacus added is removed, module modes are
+    restored, and ``.grad`` of trainable parameters is set to None (a leftover raw gradient would be
+    non-private). Do not evaluate inside the block.
+    """
+    validate_privacy_params(clip=clip, noise_multiplier=noise_multiplier)
+    if int(expected_batch_size) != expected_batch_size or expected_batch_size < 1:
+        raise ValueError(f"expected_batch_size must be an integer >= 1, got {expected_batch_size!r}")
+    if (accountant is None) != (sample_rate is None):
+        raise ValueError("private_training needs both accountant and sample_rate, or neither")
+    hooked = trainable_modules(model)
+    if not hooked:
+        raise ValueError("private_training: the model has no trainable parameters")
+    _check_optimizer(model, optimizer)
+
+    modes = [(m, m.training) for _, m in hooked]
+    params = [p for p in model.parameters() if p.requires_grad]
+    hooks: GradSampleHooks | None = None
+    dp_optimizer: DPOptimizer | None = None
+    try:
+        for m, _ in modes:
+            m.training = True  # only this module, not its children (see module docstring)
+        hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", strict=True)
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=clip,
+            expected_batch_size=int(expected_batch_size),
+            loss_reduction="mean",
+            generator=generator,
+            secure_mode=secure_mode,
+        )
+        if accountant is not None:
+            sigma, q = float(noise_multiplier), float(sample_rate)
+            dp_optimizer.attach_step_hook(lambda _opt: accountant.step(sigma, q))
+        yield model, dp_optimizer
+    finally:
+        if hooks is not None:
+            hooks.cleanup()
+        for m, training in modes:
+            m.training = training
+            for attr in _MODULE_ATTRS:
+                if hasattr(m, attr):
+                    delattr(m, attr)
+        for p in params:
+            p.grad = None
+            for attr in _PARAM_ATTRS:
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
+def noise_only_step(dp_optimizer: DPOptimizer) -> None:
+    """DP step for an empty Poisson batch: the update is pure noise N(0, (sigma*C)^2) / expected_batch_size.
+
+    Same as what Opacus does when its Poisson data loader yields an empty batch, without running the model
+    on zero rows. Call ``dp_optimizer.zero_grad()`` afterwards as after any step.
+    """
+    for p in dp_optimizer.params:
+        if getattr(p, "grad_sample", None) is not None:
+            raise ValueError("noise_only_step: per-sample gradients are pending; call dp_optimizer.zero_grad() first")
+        p.grad_sample = p.new_zeros((0, *p.shape))
+    dp_optimizer.step()

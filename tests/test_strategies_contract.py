@@ -346,3 +346,26 @@ def test_product_fro_norm_from_grams(seed):
     r = int(rng.integers(1, 6))
     A, B = rng.normal(size=(r, 13)), rng.normal(size=(9, r))
     assert math.isclose(product_fro_norm(B, A), np.linalg.norm(B @ A), rel_tol=1e-10)
+
+
+# First round: every B is still 0 ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_all_zero_B_is_handled(name):
+    ups, w = make_round([3, 3, 3])
+    ups = [{m: LoraFactors(A=f.A, B=np.zeros_like(f.B), scale=f.scale) for m, f in u.items()} for u in ups]
+    res = get_strategy(name).aggregate(ups, w)
+    for m in SHAPES:
+        assert np.allclose(res.effective_delta(m), 0)
+    down = res.downlink(3)
+    for f in down.values():  # FLoRA sends nothing; the others: B zero, A still usable rows
+        assert np.allclose(f.B, 0) and np.all(np.linalg.norm(f.A, axis=1) > 0)
+    if name == "hetlora":  # no norms to weigh by: the data weights are used
+        assert np.allclose(res.client_weights["q"], np.asarray(w) / np.sum(w))
+
+
+def test_fedex_single_client_has_no_residual():
+    ups, w = make_round([2])
+    res = get_strategy("fedex").aggregate(ups, w)
+    B_res, A_res = res.base_delta_factors["q"]
+    assert B_res.shape == (8, 0) and A_res.shape == (0, 8) and np.all(res.base_delta["q"] == 0)
+    assert res.downlink_nbytes(2) == get_strategy("fedit").aggregate(ups, w).downlink_nbytes(2)

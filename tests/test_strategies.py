@@ -229,6 +229,25 @@ def test_flexlora_downlink_is_best_rank_r_approximation(seed):
             assert f.A.shape == (r, d_in) and f.B.shape == (d_out, r) and f.scale == ALPHA / r
             assert np.allclose(f.A @ f.A.T, np.eye(r), atol=1e-10)
             assert rel(f.scale * f.B @ f.A, res.truncated_delta(m, r)) <= TOL
+            # B = U_r Σ_r / s_r: orthogonal columns whose norms are the leading singular values
+            k = min(r, res.singular_values[m].size)
+            gram = (f.scale * f.B[:, :k]).T @ (f.scale * f.B[:, :k])
+            assert np.allclose(gram, np.diag(res.singular_values[m][:k] ** 2), atol=TOL * gram.max())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_flexlora_wide_modules_use_the_factored_path(seed):
+    """Σr_k well below d: the strategy's SVD (factored route) against the dense one, on its own result."""
+    rng = np.random.default_rng(seed)
+    ranks = rng.integers(1, 5, size=3)
+    ups = [{"w": LoraFactors(A=rng.normal(size=(r, 40)), B=rng.normal(size=(35, r)), scale=ALPHA / r)} for r in ranks]
+    w = rng.uniform(1, 3, size=3)
+    res = get_strategy("flexlora").aggregate(ups, w)
+    _, sd, _ = dense_svd([u["w"] for u in ups], w / w.sum())
+    s = res.singular_values["w"]
+    assert s.size == ranks.sum() < 35  # the core size, not min(d): the factored route ran
+    assert np.max(np.abs(s - sd[: s.size])) <= TOL * sd[0]
+    assert rel(res.effective_delta("w"), exact(ups, w, "w")) <= TOL
 
 
 # 6. Zero-padding vs RBLA ------------------------------------------------------------------------------------------

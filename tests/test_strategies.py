@@ -125,7 +125,7 @@ def test_ffa_refuses_a_changed_A_in_a_later_round():
     rng = np.random.default_rng(99)  # a client re-seeded: a different A
     other = [{m: LoraFactors(A=rng.normal(size=f.A.shape), B=f.B, scale=f.scale) for m, f in u.items()}
              for u in updates[:1]]
-    with pytest.raises(ValueError, match="shared A of earlier rounds"):
+    with pytest.raises(ValueError, match="differs from the shared A"):
         ffa.aggregate(other, [1.0])
 
 
@@ -349,8 +349,14 @@ def test_hetlora_tail_norm_and_pruning_rule(seed):
     assert pruned_rank(r, tail_before=1.0, tail_after=3.0, gamma=gamma) == r
     assert pruned_rank(2, tail_before=2.0, tail_after=1.0, gamma=0.4, min_rank=1) == 1  # ⌊0.8⌋ = 0 -> floor 1
     assert pruned_rank(100, 2.0, 1.0, gamma=0.29) == 29  # 0.29·100 is 28.999… in floating point
-    het = get_strategy("hetlora", gamma=0.8, lam=0.05)
-    assert (het.gamma, het.lam) == (0.8, 0.05)
+    het = get_strategy("hetlora", gamma=0.8, lam=0.05, min_rank=2)
+    assert (het.gamma, het.lam, het.client_penalty, het.min_rank) == (0.8, 0.05, 0.05, 2)
+    k8 = int(np.floor(0.8 * r))
+    assert het.kept_slots(r) == max(min(2, r), k8)
+    assert het.pruned_rank(r, 2.0, 1.0) == max(min(2, r), k8) and het.pruned_rank(r, 1.0, 2.0) == r
+    assert het.kept_slots(2) == 2 and het.tail_norm(A[:2], B[:, :2]) == 0.0  # at min_rank: nothing to prune
+    assert abs(het.tail_norm(A, B) - np.linalg.norm(B[:, het.kept_slots(r):]) * np.linalg.norm(A[het.kept_slots(r):])) \
+        <= TOL * expected
 
 
 # 8. LoRA-FAIR -----------------------------------------------------------------------------------------------------

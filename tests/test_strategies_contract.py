@@ -288,7 +288,7 @@ def test_ffa_state_roundtrip_keeps_checking_A():
     clone.load_state_dict(ffa.state_dict())
     assert clone.aggregate(ups[:1], [1.0]).downlink(4)["q"].A.shape == (4, 8)  # rows 2..3 from the shared A
     other, _ = make_round([2], seed=9)
-    with pytest.raises(ValueError, match="shared A of earlier rounds"):
+    with pytest.raises(ValueError, match="differs from the shared A"):
         clone.aggregate(other, [1.0])
 
 
@@ -369,3 +369,43 @@ def test_fedex_single_client_has_no_residual():
     B_res, A_res = res.base_delta_factors["q"]
     assert B_res.shape == (8, 0) and A_res.shape == (0, 8) and np.all(res.base_delta["q"] == 0)
     assert res.downlink_nbytes(2) == get_strategy("fedit").aggregate(ups, w).downlink_nbytes(2)
+
+
+# The seeded init handed to the strategy ---------------------------------------------------------------------------
+def initial(seed=11, r_max=6):
+    rng = np.random.default_rng(seed)
+    return {m: LoraFactors(A=rng.normal(size=(r_max, d_in)), B=np.zeros((d_out, r_max)), scale=scale(r_max))
+            for m, (d_out, d_in) in SHAPES.items()}
+
+
+def test_ffa_initial_factors_give_the_shared_A():
+    init = initial()
+    rng = np.random.default_rng(0)
+    ups = [{m: LoraFactors(A=f.A[:r].copy(), B=rng.normal(size=(f.B.shape[0], r)), scale=scale(r))
+            for m, f in init.items()} for r in (2, 3)]
+    ffa = get_strategy("ffa", scale_for_rank=scale, initial_factors=init)
+    down = ffa.aggregate(ups, [1, 1]).downlink(6)  # no rank-6 client this round: A still known
+    for m, f in init.items():
+        assert np.array_equal(down[m].A, f.A) and np.all(down[m].B[:, 3:] == 0)
+    other = [{m: LoraFactors(A=rng.normal(size=(2, f.A.shape[1])), B=f.B[:, :2], scale=scale(2))
+              for m, f in init.items()}]
+    with pytest.raises(ValueError, match="differs from the shared A"):
+        get_strategy("ffa", initial_factors=init).aggregate(other, [1.0])
+
+
+@pytest.mark.parametrize("name", ["rbla", "zeropad", "hetlora"])
+def test_initial_factors_fill_slots_nobody_held_yet(name):
+    init = initial()
+    ups, w = make_round([2, 3])
+    down = get_strategy(name, scale_for_rank=scale, initial_factors=init).aggregate(ups, w).downlink(6)
+    for m, f in init.items():
+        assert np.array_equal(down[m].A[3:], f.A[3:]) and np.array_equal(down[m].B[:, 3:], f.B[:, 3:])
+
+
+def test_initial_factors_are_validated():
+    bad = initial()
+    bad["q"] = LoraFactors(A=np.full((6, 8), np.nan), B=np.zeros((8, 6)), scale=1.0)
+    with pytest.raises(ValueError, match=r"ffa: initial_factors, module 'q': A has non-finite"):
+        get_strategy("ffa", initial_factors=bad)
+    for name in NAMES:  # every method accepts the same construction call from the server
+        get_strategy(name, scale_for_rank=scale, seed=3, initial_factors=initial())

@@ -74,6 +74,10 @@ class Strategy:
       label (and, for FFA and FlexLoRA, to build) the downlink of a rank not present in the round's updates.
       Without it, only ranks seen in the updates can be served.
     - `seed`: seeds the few deterministic random fills (fresh A rows for slots no client ever held).
+    - `initial_factors`: module -> LoraFactors of the widest rank, the global adapter before round 1 (the
+      seeded PEFT init every client derives). FFA takes its shared A from it (so any rank can be served and
+      every client's A is checked against it from round 1); zero-padding, HetLoRA and RBLA use it for slots no
+      sampled client held yet. The other methods ignore it.
     """
 
     name: ClassVar[str] = ""
@@ -85,9 +89,17 @@ class Strategy:
     # coefficients: client-level DP noise can then be added to the sum of the sent factors.
     linear: ClassVar[bool] = False
 
-    def __init__(self, scale_for_rank: ScaleForRank | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        scale_for_rank: ScaleForRank | None = None,
+        seed: int = 0,
+        initial_factors: Mapping[str, LoraFactors] | None = None,
+    ) -> None:
         self.scale_for_rank = scale_for_rank
         self.seed = int(seed)
+        self.initial_factors: dict[str, LoraFactors] = {
+            m: _checked_factors(f, None, m, f"{self.name}: initial_factors") for m, f in (initial_factors or {}).items()
+        }
 
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> AggregationResult:
         raise NotImplementedError
@@ -212,8 +224,8 @@ def validate_updates(
     return out, p, modules
 
 
-def _checked_factors(f: LoraFactors, k: int, m: str, where: str) -> LoraFactors:
-    tag = f"{where}client {k}, module {m!r}"
+def _checked_factors(f: LoraFactors, k: int | None, m: str, where: str) -> LoraFactors:
+    tag = f"{where}client {k}, module {m!r}" if k is not None else f"{where}, module {m!r}"
     if not isinstance(f, LoraFactors):
         raise ValueError(f"{tag}: expected LoraFactors, got {type(f).__name__}")
     A = np.asarray(f.A, dtype=np.float64)

@@ -19,8 +19,8 @@ def shared_A(method: str, factors: Sequence[LoraFactors], module: str, known: np
         short, long_ = (ref, known) if ref.shape[0] <= known.shape[0] else (known, ref)
         if short.shape[1] != long_.shape[1] or not np.array_equal(short, long_[: short.shape[0]]):
             raise ValueError(
-                f"{method}: {ref_name}, module {module!r}: A differs from the shared A of earlier rounds "
-                "(A must stay frozen and identical on every client)"
+                f"{method}: {ref_name}, module {module!r}: A differs from the shared A (initial_factors or "
+                "earlier rounds); A must stay frozen and identical on every client"
             )
         ref, ref_name = long_, "the shared A_max"
     for k, f in enumerate(factors):
@@ -47,9 +47,9 @@ class FFA(Strategy):
     sends_A = False
     linear = True
 
-    def __init__(self, scale_for_rank=None, seed: int = 0) -> None:
-        super().__init__(scale_for_rank=scale_for_rank, seed=seed)
-        self.shared: dict[str, np.ndarray] = {}
+    def __init__(self, scale_for_rank=None, seed: int = 0, initial_factors=None) -> None:
+        super().__init__(scale_for_rank=scale_for_rank, seed=seed, initial_factors=initial_factors)
+        self.shared: dict[str, np.ndarray] = {m: f.A for m, f in self.initial_factors.items()}
 
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> PrefixResult:
         ups, p, modules = validate_updates(updates, weights, self.name)
@@ -77,6 +77,7 @@ class FFA(Strategy):
 def _extend(method: str, module: str, A_max: np.ndarray, lo: int, hi: int, d_out: int):
     if hi > A_max.shape[0]:
         raise ValueError(
-            f"{method}: module {module!r}: rank {hi} exceeds the shared A seen so far ({A_max.shape[0]} rows)"
+            f"{method}: module {module!r}: rank {hi} exceeds the shared A seen so far ({A_max.shape[0]} rows); "
+            "construct ffa with initial_factors= the seeded init of the widest rank"
         )
     return A_max[lo:hi], np.zeros((d_out, hi - lo))

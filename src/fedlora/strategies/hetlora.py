@@ -21,22 +21,21 @@ def norm_weights(factors: Sequence[LoraFactors], fallback: np.ndarray) -> np.nda
     return S / total if total > 0 else np.asarray(fallback, dtype=float)
 
 
-def tail_start(rank: int, gamma: float) -> int:
-    """⌊γ·r⌋: the first slot of the pruned tail (a tiny epsilon absorbs float error, e.g. 0.29·100)."""
-    return int(math.floor(gamma * rank + 1e-9))
+def tail_start(rank: int, gamma: float, min_rank: int = 0) -> int:
+    """⌊γ·r⌋, the first slot of the tail, but never below min(min_rank, r) (a tiny epsilon absorbs float error,
+    e.g. 0.29·100 = 28.999…)."""
+    return max(min(min_rank, rank), int(math.floor(gamma * rank + 1e-9)))
 
 
-def tail_norm(A: np.ndarray, B: np.ndarray, gamma: float) -> float:
-    """‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:, :]‖_F, the quantity HetLoRA's penalty λ·(...) pushes down."""
-    k = tail_start(A.shape[0], gamma)
+def tail_norm(A: np.ndarray, B: np.ndarray, gamma: float, min_rank: int = 0) -> float:
+    """‖B[:, k:]‖_F · ‖A[k:, :]‖_F with k = `tail_start` (⌊γr⌋): what HetLoRA's penalty λ·(...) pushes down."""
+    k = tail_start(A.shape[0], gamma, min_rank)
     return float(np.linalg.norm(B[:, k:]) * np.linalg.norm(A[k:, :]))
 
 
 def pruned_rank(rank: int, tail_before: float, tail_after: float, gamma: float, min_rank: int = 1) -> int:
     """The client's rank after local training: ⌊γ·r⌋ (at least `min_rank`) if the tail norm shrank, else r."""
-    if tail_after < tail_before:
-        return max(min(min_rank, rank), tail_start(rank, gamma))
-    return rank
+    return tail_start(rank, gamma, min_rank) if tail_after < tail_before else rank
 
 
 @dataclass
@@ -49,15 +48,17 @@ class HetLoRA(ZeroPad):
     """Zero-padding with per-module weights S_k / Σ S_j, S_k = ‖s_k B_k A_k‖_F (data sizes ignored).
 
     Options read by the client: `gamma` (pruning ratio, default 0.9: a rank-8 client drops to 7), `lam`
-    (penalty weight on `tail_norm`, default 1e-3), `min_rank` (never prune below, default 1).
-    `result.client_weights[module]` holds the norm weights. The server tracks each client's current rank.
+    (penalty weight on `tail_norm`, default 1e-3; also `client_penalty`), `min_rank` (never prune below,
+    default 1). The client-side rule is bound here as `kept_slots(r)`, `tail_norm(A, B)` and
+    `pruned_rank(r, tail_before, tail_after)`. `result.client_weights[module]` holds the norm weights.
+    The server tracks each client's current rank.
     """
 
     linear = False  # the weights depend on the data (the update norms)
 
     def __init__(self, gamma: float = 0.9, lam: float = 1e-3, min_rank: int = 1, scale_for_rank=None,
-                 seed: int = 0) -> None:
-        super().__init__(scale_for_rank=scale_for_rank, seed=seed)
+                 seed: int = 0, initial_factors=None) -> None:
+        super().__init__(scale_for_rank=scale_for_rank, seed=seed, initial_factors=initial_factors)
         if not 0 < gamma <= 1:
             raise ValueError(f"hetlora: gamma must be in (0, 1], got {gamma}")
         if lam < 0:
@@ -65,6 +66,23 @@ class HetLoRA(ZeroPad):
         if min_rank < 1:
             raise ValueError(f"hetlora: min_rank must be >= 1, got {min_rank}")
         self.gamma, self.lam, self.min_rank = float(gamma), float(lam), int(min_rank)
+
+    @property
+    def client_penalty(self) -> float:
+        """λ, the weight of the tail penalty in the client's loss."""
+        return self.lam
+
+    def kept_slots(self, rank: int) -> int:
+        """Slots [0, k) are kept, [k, r) are the penalised tail: k = max(min(min_rank, r), ⌊γr⌋)."""
+        return tail_start(rank, self.gamma, self.min_rank)
+
+    def tail_norm(self, A: np.ndarray, B: np.ndarray) -> float:
+        """`tail_norm` with this strategy's γ and min_rank (a rank-1 client has no tail)."""
+        return tail_norm(A, B, self.gamma, self.min_rank)
+
+    def pruned_rank(self, rank: int, tail_before: float, tail_after: float) -> int:
+        """`pruned_rank` with this strategy's γ and min_rank."""
+        return pruned_rank(rank, tail_before, tail_after, self.gamma, self.min_rank)
 
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> HetLoRAResult:
         ups, p, modules = validate_updates(updates, weights, self.name)

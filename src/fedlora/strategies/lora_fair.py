@@ -40,8 +40,8 @@ class LoraFair(Strategy):
     supports_mixed_ranks = False
     linear = False
 
-    def __init__(self, lam: float = 0.01, scale_for_rank=None, seed: int = 0) -> None:
-        super().__init__(scale_for_rank=scale_for_rank, seed=seed)
+    def __init__(self, lam: float = 0.01, scale_for_rank=None, seed: int = 0, initial_factors=None) -> None:
+        super().__init__(scale_for_rank=scale_for_rank, seed=seed, initial_factors=initial_factors)
         if not np.isfinite(lam) or lam < 0:
             raise ValueError(f"lora-fair: lam must be finite and >= 0, got {lam}")
         self.lam = float(lam)

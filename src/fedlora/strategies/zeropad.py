@@ -19,9 +19,11 @@ class ZeroPad(Strategy):
     linear = True
     per_slot_mean = False
 
-    def __init__(self, scale_for_rank=None, seed: int = 0) -> None:
-        super().__init__(scale_for_rank=scale_for_rank, seed=seed)
+    def __init__(self, scale_for_rank=None, seed: int = 0, initial_factors=None) -> None:
+        super().__init__(scale_for_rank=scale_for_rank, seed=seed, initial_factors=initial_factors)
         self.memory = SlotMemory(self.seed)
+        for m, f in self.initial_factors.items():
+            self.memory.remember(m, f.A, f.B)
 
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> PrefixResult:
         ups, p, modules = validate_updates(updates, weights, self.name)

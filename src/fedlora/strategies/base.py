@@ -72,7 +72,8 @@ class Strategy:
     Options common to every method:
     - `scale_for_rank`: callable r -> the LoRA scale a rank-r client uses (e.g. `lambda r: alpha / r`). Used to
       label (and, for FFA and FlexLoRA, to build) the downlink of a rank not present in the round's updates.
-      Without it, only ranks seen in the updates can be served.
+      Without it, a rank is served only if seen in the round or if the ranks seen fit one scale law
+      unambiguously (see `resolve_scale`); servers should always pass it.
     - `seed`: seeds the few deterministic random fills (fresh A rows for slots no client ever held).
     - `initial_factors`: module -> LoraFactors of the widest rank, the global adapter before round 1 (the
       seeded PEFT init every client derives). FFA takes its shared A from it (so any rank can be served and

@@ -8,6 +8,7 @@ real epsilon by the number of rounds, so the history is the only source of truth
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -136,15 +137,18 @@ def calibrate_noise_multiplier(
     if steps == 0:
         return 0.0
     try:
-        sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=int(steps),
-            accountant=accountant,
-            # Opacus' tolerance is absolute: make it relative to the target.
-            epsilon_tolerance=_CALIBRATION_TOLERANCE * target_epsilon,
-        )
+        with warnings.catch_warnings():
+            # The bisection probes huge sigmas on the way, for which RDP warns about its alpha range.
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            sigma = get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=int(steps),
+                accountant=accountant,
+                # Opacus' tolerance is absolute: make it relative to the target.
+                epsilon_tolerance=_CALIBRATION_TOLERANCE * target_epsilon,
+            )
     except ValueError as err:
         raise ValueError(
             f"cannot reach privacy epsilon={target_epsilon} at delta={delta} with sample_rate={sample_rate} "

@@ -1,0 +1,115 @@
+"""`fedlora run | resume | bench | report | export`: parse, validate, call the library.
+
+User errors (bad config, bad value, missing file) print one line on stderr and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the whole usage)
+        print(f"fedlora: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fedlora", description="Federated LoRA fine-tuning with FFA-LoRA, RBLA and DP.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run an experiment (config file optional, dotted key=value overrides)")
+    run.add_argument("items", nargs="*", help="[CONFIG.toml] key=value ...")
+    run.add_argument("--out", help="run folder (default: output.dir/<strategy>-<time>)")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+
+    resume = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    resume.add_argument("run_dir")
+    resume.add_argument("--quiet", action="store_true")
+
+    bench = sub.add_parser("bench", help="run a benchmark suite and write report.md with plots")
+    bench.add_argument("suite", nargs="?", default="paper-ffa")
+    bench.add_argument("--out", default=None)
+    bench.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 CPU cores)")
+
+    report = sub.add_parser("report", help="compare run folders: report.md and plots")
+    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--out", default=None, help="folder for report.md (default: the first run folder)")
+    return p
+
+
+def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    config, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise ValueError(f"unexpected argument {item!r}: give one config file and key=value overrides")
+    return config, overrides
+
+
+def cmd_run(args) -> int:
+    from fedlora.config import load_config
+    from fedlora.runner import run_experiment
+
+    config_path, overrides = _split_items(args.items)
+    cfg = load_config(config_path, overrides)
+    run_experiment(cfg, out=args.out, quiet=args.quiet)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from fedlora.runner import resume_experiment
+
+    resume_experiment(Path(args.run_dir), quiet=args.quiet)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fedlora.report import compare_runs
+
+    dirs = [Path(d) for d in args.run_dirs]
+    for d in dirs:
+        if not (d / "metrics.jsonl").exists():
+            raise ValueError(f"not a run folder (no metrics.jsonl): {d}")
+    out = compare_runs(dirs, Path(args.out) if args.out else dirs[0])
+    print(out)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from fedlora.bench import run_suite
+
+    out = run_suite(args.suite, Path(args.out) if args.out else Path("bench-out") / args.suite, quick=args.quick)
+    print(out)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        if os.environ.get("FEDLORA_DEBUG"):
+            raise
+        # ConfigError is a ValueError: every user-facing error is one line and exit code 2.
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"fedlora: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

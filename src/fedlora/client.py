@@ -1,0 +1,204 @@
+"""ClientTrainer: from a downlink (factors of the client's rank + head), train locally, return an Update.
+
+The same trainer runs in-process (engines/local.py) and inside a Flower ClientApp (engines/flower.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedlora import lora
+from fedlora.config import ExperimentConfig
+from fedlora.models import ModelHost
+from fedlora.strategies import LoraFactors, Strategy
+
+
+@dataclass
+class EncodedData:
+    """Token ids per example (unpadded) and labels; batches are padded to their longest example."""
+
+    input_ids: list[np.ndarray]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> "EncodedData":
+        return EncodedData([self.input_ids[i] for i in idx], self.labels[idx])
+
+
+def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> EncodedData:
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    return EncodedData([np.asarray(x, dtype=np.int64) for x in enc["input_ids"]], np.asarray(labels, np.int64))
+
+
+def collate(data: EncodedData, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the batch's longest sequence. Written by hand: it is on the hot path and tokenizer.pad is slower."""
+    seqs = [data.input_ids[i] for i in idx]
+    width = max((len(s) for s in seqs), default=1)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = s
+        mask[row, : len(s)] = 1
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "labels": torch.from_numpy(data.labels[idx]),
+    }
+
+
+def shuffled_batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`steps` batches from reshuffled passes over the client's data (no example twice in one pass)."""
+    out: list[np.ndarray] = []
+    order = np.empty(0, dtype=np.int64)
+    while len(out) < steps:
+        if len(order) < min(batch_size, n):
+            order = np.concatenate([order, rng.permutation(n)])
+        out.append(order[:batch_size])
+        order = order[batch_size:]
+    return out
+
+
+@dataclass
+class Downlink:
+    """What the server sends a client for one round."""
+
+    rank: int
+    factors: dict[str, LoraFactors]  # empty: start from a fresh LoRA (FLoRA)
+    head: dict[str, np.ndarray]
+    round: int
+
+
+@dataclass
+class Update:
+    """What a client returns: its trained factors and head plus the facts the server logs."""
+
+    client_id: int
+    rank: int
+    factors: dict[str, LoraFactors]
+    head: dict[str, np.ndarray]
+    num_examples: int
+    train_loss: float
+    steps: int
+    samples: int
+    train_s: float
+    next_rank: int | None = None  # HetLoRA self-pruning: the rank this client uses from the next round
+    privacy: dict = field(default_factory=dict)  # the client's accountant state and epsilon (sample-level DP)
+
+
+def make_optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def fresh_factors(cfg: ExperimentConfig, dims, rank: int, round_idx: int, client_id: int) -> dict[str, LoraFactors]:
+    """A new LoRA for FLoRA: random A (own seed per round and client: stacking is exact anyway), B = 0."""
+    seed = cfg.seed + 7919 * (round_idx + 1) + 104729 * (client_id + 1)
+    return lora.initial_factors(seed, dims, rank, cfg.lora.scale(rank))
+
+
+class ClientTrainer:
+    """Trains one client's adapter on the shared model host. Stateless between calls except the host."""
+
+    def __init__(self, cfg: ExperimentConfig, host: ModelHost, strategy: Strategy):
+        self.cfg = cfg
+        self.host = host
+        self.strategy = strategy
+        self.pad_id = host.tokenizer.pad_token_id or 0
+        self.dims = lora.module_dims(host.model)
+
+    def load(self, down: Downlink, client_id: int) -> str:
+        """Put the downlink into the adapter of the client's rank; return the adapter name."""
+        rank = down.rank
+        adapter = self.host.ensure_rank(rank)
+        factors = down.factors or fresh_factors(self.cfg, self.dims, rank, down.round, client_id)
+        lora.set_factors(self.host.model, adapter, lora.with_scale(factors, self.cfg.lora.scale(rank)))
+        if down.head:
+            lora.set_head(self.host.model, adapter, down.head)
+        return adapter
+
+    def train(self, client_id: int, down: Downlink, data: EncodedData, dp=None) -> Update:
+        """Local training. `dp` (a privacy.ClientPrivacy) switches to DP-SGD with that client's accountant."""
+        cfg = self.cfg
+        adapter = self.load(down, client_id)
+        params = self.host.activate(down.rank, train_A=self.strategy.trains_A)
+        optimizer = make_optimizer(cfg, params)
+        rng = np.random.default_rng([cfg.seed, down.round, client_id])
+        model = self.host.model
+        hetlora = getattr(self.strategy, "client_penalty", None)
+        tail_before = self._tail_norm(adapter) if hetlora else None
+
+        start = time.perf_counter()
+        losses: list[float] = []
+        samples = 0
+        if dp is not None:
+            losses, samples = dp.train(model, optimizer, data, self, rng)
+        else:
+            for idx in shuffled_batches(len(data), cfg.federation.batch_size, cfg.federation.local_steps, rng):
+                batch = collate(data, idx, self.pad_id)
+                loss = model(**batch).loss
+                if hetlora:
+                    loss = loss + self._hetlora_penalty(adapter)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                samples += len(idx)
+        train_s = time.perf_counter() - start
+        for p in params:
+            p.requires_grad_(False)
+
+        factors = lora.get_factors(model, adapter)
+        next_rank = None
+        if hetlora:
+            next_rank = self.strategy.pruned_rank(down.rank, tail_before, self._tail_norm(adapter))
+        return Update(
+            client_id=client_id,
+            rank=down.rank,
+            factors=factors,
+            head=lora.get_head(model, adapter),
+            num_examples=len(data),
+            train_loss=float(np.mean(losses)) if losses else float("nan"),
+            steps=len(losses),
+            samples=samples,
+            train_s=train_s,
+            next_rank=next_rank,
+            privacy=dp.report() if dp is not None else {},
+        )
+
+    # HetLoRA: penalty on the tail slots of the factors, so a client can prune its own rank.
+    def _tail_norm(self, adapter: str) -> float:
+        f = lora.get_factors(self.host.model, adapter)
+        return float(sum(self.strategy.tail_norm(x.A, x.B) for x in f.values()))
+
+    def _hetlora_penalty(self, adapter: str) -> torch.Tensor:
+        total = torch.zeros(())
+        for layer in lora.lora_layers(self.host.model).values():
+            A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            keep = self.strategy.kept_slots(A.shape[0])
+            total = total + B[:, keep:].norm() * A[keep:, :].norm()
+        return self.strategy.client_penalty * total
+
+
+@torch.inference_mode()
+def evaluate(host: ModelHost, adapter: str, data: EncodedData, batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy of the active model on `data` (sorted by length so batches pad little)."""
+    model = host.model
+    model.set_adapter(adapter)
+    pad_id = host.tokenizer.pad_token_id or 0
+    order = np.argsort([len(x) for x in data.input_ids], kind="stable")
+    total_loss, correct = 0.0, 0
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = collate(data, idx, pad_id)
+        out = model(**batch)
+        total_loss += float(out.loss) * len(idx)
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    n = max(len(order), 1)
+    return total_loss / n, correct / n

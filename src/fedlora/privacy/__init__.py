@@ -7,7 +7,7 @@
 
 from .accountant import ClientAccountant, calibrate_noise_multiplier, validate_privacy_params, would_exceed
 from .client_dp import add_gaussian_noise, client_dp_noise_std, client_sample_rate, clip_update, update_norm
-from .dpsgd import noise_only_step, poisson_batches, private_training, trainable_modules
+from .dpsgd import modules_to_hook, noise_only_step, poisson_batches, private_training
 
 __all__ = [
     "ClientAccountant",
@@ -16,10 +16,10 @@ __all__ = [
     "client_dp_noise_std",
     "client_sample_rate",
     "clip_update",
+    "modules_to_hook",
     "noise_only_step",
     "poisson_batches",
     "private_training",
-    "trainable_modules",
     "update_norm",
     "validate_privacy_params",
     "would_exceed",

@@ -124,21 +124,22 @@ class ClientTrainer:
         return adapter
 
     def train(self, client_id: int, down: Downlink, data: EncodedData, dp=None) -> Update:
-        """Local training. `dp` (a privacy.ClientPrivacy) switches to DP-SGD with that client's accountant."""
+        """Local training. `dp` (a `dp.SamplePrivacy`) switches to DP-SGD with that client's accountant."""
         cfg = self.cfg
         adapter = self.load(down, client_id)
         params = self.host.activate(down.rank, train_A=self.strategy.trains_A)
         optimizer = make_optimizer(cfg, params)
         rng = np.random.default_rng([cfg.seed, down.round, client_id])
         model = self.host.model
-        hetlora = getattr(self.strategy, "client_penalty", None)
-        tail_before = self._tail_norm(adapter) if hetlora else None
+        # HetLoRA's tail penalty; under DP-SGD only the clipped, noised data gradient is used, so it is off.
+        hetlora = getattr(self.strategy, "client_penalty", None) if dp is None else None
+        tail_before = self._tail_norm(adapter) if hasattr(self.strategy, "pruned_rank") else None
 
         start = time.perf_counter()
         losses: list[float] = []
         samples = 0
         if dp is not None:
-            losses, samples = dp.train(model, optimizer, data, self, rng)
+            losses, samples = dp.train(model, optimizer, data, self, rng, down.round, client_id)
         else:
             for idx in shuffled_batches(len(data), cfg.federation.batch_size, cfg.federation.local_steps, rng):
                 batch = collate(data, idx, self.pad_id)
@@ -156,7 +157,7 @@ class ClientTrainer:
 
         factors = lora.get_factors(model, adapter)
         next_rank = None
-        if hetlora:
+        if tail_before is not None:
             next_rank = self.strategy.pruned_rank(down.rank, tail_before, self._tail_norm(adapter))
         return Update(
             client_id=client_id,

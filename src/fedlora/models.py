@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from fedlora.config import EMBEDDED_MODEL, ExperimentConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at run time: embedded or local models only
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def resolve_model_path(name: str) -> str:

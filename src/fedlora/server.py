@@ -7,7 +7,7 @@ Engines (in-process or Flower) call `plan_round`, deliver the downlinks, and han
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -81,7 +81,10 @@ class Server:
         self._fresh = True  # the downlinks are prefixes of the seeded init
         self.rng = np.random.default_rng([cfg.seed, 1])
         self.privacy: dict[int, dict] = {}  # last privacy report per client (accountant state, epsilon)
-        self.history: list[dict] = []
+        if cfg.privacy.mode == "client":
+            from fedlora.dp import client_level_calibration
+
+            self.client_dp_sigma, self.client_dp_q = client_level_calibration(cfg)
 
     # -- downlinks -------------------------------------------------------------------------------
     def downlink_factors(self, rank: int) -> dict[str, LoraFactors]:
@@ -136,10 +139,15 @@ class Server:
                 f"{self.cfg.federation.min_clients}"
             )
         bytes_down = sum(self.downlink_nbytes(self.client_ranks[c]) for c in sampled)
-        weights = [float(u.num_examples) for u in good]
-        result = self.strategy.aggregate([u.factors for u in good], weights)
         bytes_up_lora = sum(self.strategy.uplink_nbytes(u.factors) for u in good)
         bytes_up_head = sum(sum(h.size for h in u.head.values()) * BYTES_PER_VALUE for u in good)
+        extra: dict = {}
+        if self.cfg.privacy.mode == "client":
+            good, extra = self._client_level_dp(good)
+            weights = [1.0] * len(good)  # data-size weights would let one client's influence exceed the clip
+        else:
+            weights = [float(u.num_examples) for u in good]
+        result = self.strategy.aggregate([u.factors for u in good], weights)
         if good[0].head:
             self.head = {k: weighted_mean([u.head[k] for u in good], weights).astype(np.float32) for k in good[0].head}
 
@@ -149,7 +157,7 @@ class Server:
         for u in good:
             if u.next_rank is not None and u.next_rank != u.rank:
                 self.client_ranks[u.client_id] = u.next_rank
-            if u.privacy:
+            if u.privacy and self.cfg.privacy.mode == "sample":
                 self.privacy[u.client_id] = u.privacy
         ranks_needed = set(self.client_ranks) | {max(self.client_ranks)}
         self._downlinks = {} if self.strategy.fresh_lora_each_round else {r: result.downlink(r) for r in ranks_needed}
@@ -162,7 +170,41 @@ class Server:
             bytes_up=bytes_up_lora + bytes_up_head,
             bytes_down=bytes_down,
             bytes_up_head=bytes_up_head,
+            extra=extra,
         )
+
+    # -- client-level DP ---------------------------------------------------------------------------
+    def _client_level_dp(self, good: list[Update]) -> tuple[list[Update], dict]:
+        """DP-FedAvg on what is sent: clip each client's change to S, Gaussian noise, one accountant step.
+
+        For linear methods the noise N(0, sigma^2 S^2) is added once to the sum: folded into the summand of
+        a client of the largest rank before a uniform-weight (slot-wise) mean, which is exactly noise on the
+        (per-slot) sum divided by the (per-slot) count. Other methods get that noise on every update.
+        """
+        from fedlora.client import fresh_factors
+        from fedlora.dp import add_noise, clip_client_update, noise_placement
+        from fedlora.privacy import ClientAccountant
+
+        p = self.cfg.privacy
+        sigma, q = self.client_dp_sigma, self.client_dp_q
+        rng = np.random.default_rng([self.cfg.seed, self.round + 1, 99])
+        sends_A = self.strategy.sends_A
+        placement = noise_placement(self.strategy)
+        noisy_at = max(range(len(good)), key=lambda i: good[i].rank) if placement == "sum" else None
+        out, norms = [], {}
+        for i, u in enumerate(good):
+            ref = self.downlink_factors(u.rank) or fresh_factors(self.cfg, self.dims, u.rank, self.round + 1, u.client_id)
+            factors, head, norms[u.client_id] = clip_client_update(u.factors, u.head, ref, self.head, p.clip, sends_A)
+            if placement == "each" or i == noisy_at:
+                factors, head = add_noise(factors, head, sigma * p.clip, sends_A, rng)
+            out.append(replace(u, factors=factors, head=head))
+        # Subsampled Gaussian over rounds: every client is charged every round (sampling rate q covers it).
+        for c in range(self.cfg.federation.num_clients):
+            acc = ClientAccountant.from_state_dict(self.privacy[c]["accountant"]) if c in self.privacy else ClientAccountant(p.accountant)
+            acc.step(sigma, q, 1)
+            self.privacy[c] = {"epsilon": acc.epsilon(p.delta), "noise_multiplier": sigma, "sample_rate": q,
+                               "dp_steps": acc.total_steps, "accountant": acc.state_dict()}
+        return out, {"update_norms": {str(k): v for k, v in norms.items()}, "noise_placement": placement}
 
     def global_eval_factors(self) -> tuple[int, dict[str, LoraFactors]]:
         """The global model's adapter: the downlink of the highest rank (zeros after a FLoRA merge)."""

@@ -18,6 +18,7 @@ from fedlora.experiment import FederatedData, export_adapter, prepare_data
 from fedlora.metrics import MetricsWriter, write_summary
 from fedlora.models import ModelHost, adapter_name, load_tokenizer
 from fedlora.progress import RunProgress
+from fedlora.dp import SamplePrivacy, max_epsilon
 from fedlora.server import Server
 from fedlora.strategies import get_strategy
 
@@ -30,6 +31,27 @@ def build_strategy(cfg: ExperimentConfig, dims: dict[str, tuple[int, int]]):
     options.setdefault("seed", cfg.seed)
     options.setdefault("initial_factors", lora.initial_factors(cfg.seed, dims, r_max, cfg.lora.scale(r_max)))
     return get_strategy(cfg.strategy.name, **options)
+
+
+def privacy_metrics(cfg: ExperimentConfig, reports: dict[int, dict]) -> dict:
+    """The DP columns of a metrics row: epsilon is the max over clients, with that client's sigma, q, steps."""
+    if cfg.privacy.mode == "none":
+        return {}
+    top = max_epsilon(reports)
+    if top is None:
+        return {"epsilon": 0.0, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant, "privacy": cfg.privacy.mode}
+    cid, rep = top
+    return {
+        "epsilon": rep["epsilon"],
+        "delta": cfg.privacy.delta,
+        "noise_multiplier": rep["noise_multiplier"],
+        "sample_rate": rep["sample_rate"],
+        "dp_steps": rep["dp_steps"],
+        "dp_steps_max": max(r["dp_steps"] for r in reports.values()),
+        "epsilon_client": cid,
+        "accountant": cfg.privacy.accountant,
+        "privacy": cfg.privacy.mode,
+    }
 
 
 class LocalRun:
@@ -48,6 +70,9 @@ class LocalRun:
         self.strategy = build_strategy(cfg, lora.module_dims(self.host.model))
         self.trainer = ClientTrainer(cfg, self.host, self.strategy)
         r_max = max(cfg.client_ranks())
+        self.client_privacy: dict[int, SamplePrivacy] = {}
+        if cfg.privacy.mode == "sample":
+            self.client_privacy = {c: SamplePrivacy.for_client(cfg, len(d)) for c, d in enumerate(self.data.clients)}
         self.server = Server(
             cfg, self.strategy, lora.module_dims(self.host.model),
             lora.get_head(self.host.model, adapter_name(r_max)), [len(c) for c in self.data.clients],
@@ -69,7 +94,12 @@ class LocalRun:
         active = [c for c in sampled if c not in dropped]
         self.progress.start_round(server.round + 1, len(active) * self.cfg.federation.local_steps)
         for c in active:
-            update = self.trainer.train(c, server.downlink(c), self.data.clients[c])
+            dp = self.client_privacy.get(c)
+            if dp is not None and not dp.can_train(self.cfg.federation.local_steps):
+                skipped[c] = "privacy budget exhausted"
+                self.progress.note(f"client {c} sits out: its next round would exceed epsilon={dp.target_epsilon}")
+                continue
+            update = self.trainer.train(c, server.downlink(c), self.data.clients[c], dp=dp)
             updates.append(update)
             self.progress.advance(update.steps)
         return updates, sampled, skipped
@@ -110,6 +140,7 @@ class LocalRun:
                 "samples_per_s": samples / train_s if train_s > 0 else None,
                 "wall_s": time.perf_counter() - t_round,
             }
+            row.update(privacy_metrics(cfg, server.privacy))
             writer.write(row)
             rows.append(row)
             self.progress.end_round(row)
@@ -135,5 +166,8 @@ class LocalRun:
             "test_examples": len(self.data.test),
             "partition": self.data.partition_stats,
         }
+        if rows and cfg.privacy.mode != "none":
+            summary["final_epsilon"] = rows[-1].get("epsilon")
+            summary["delta"] = cfg.privacy.delta
         write_summary(self.run_dir, summary)
         return summary

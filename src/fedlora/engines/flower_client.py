@@ -1,0 +1,251 @@
+"""The fedlora ClientApp: runs the same `ClientTrainer.train` as the local engine on this node's data.
+
+A node learns everything from the train instruction (the resolved config travels with it), so the same
+ClientApp serves Flower's simulation and a real SuperNode. Per node, `context.state` keeps what must outlive
+one round: the client's DP accountant and the base deltas merged so far (FLoRA, FedEx). Per process, the base
+model is loaded once and shared by the nodes the process serves (Ray actors in simulation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import lora
+from fedlora.client import ClientTrainer, EncodedData, encode, evaluate
+from fedlora.config import ExperimentConfig
+from fedlora.engines.flower_wire import BaseEntry, decode_base_entries, decode_downlink, encode_update
+from fedlora.models import ModelHost, load_tokenizer
+
+PARTITION_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+DATA_PATH_KEY = "data-path"
+BASE_STATE = "fedlora.base"
+PRIVACY_STATE = "fedlora.privacy"
+
+Fault = Callable[[int, int], None]  # (round, client id) -> None; raises to make this client fail (tests)
+
+
+def config_from_toml(text: str) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(tomllib.loads(text))
+
+
+def node_partition(node_config) -> tuple[int, int | None]:
+    """(partition id, number of partitions) of this SuperNode; one clear line if it was started without them."""
+    if PARTITION_KEY not in node_config:
+        raise ValueError(f"this SuperNode has no {PARTITION_KEY}: start it with --node-config 'partition-id=K num-partitions=N'")
+    n = node_config.get(NUM_PARTITIONS_KEY)
+    return int(node_config[PARTITION_KEY]), None if n is None else int(n)
+
+
+@dataclass
+class ClientRuntime:
+    """Model host, trainer and data of one experiment in this process (one per config, the latest kept)."""
+
+    cfg: ExperimentConfig
+    host: ModelHost
+    trainer: ClientTrainer
+    label_names: list[str]
+    setup_s: float
+    partitions: list[EncodedData] | None = None
+    files: dict[str, EncodedData] = field(default_factory=dict)
+    pristine: dict[str, torch.Tensor] | None = None  # base weights before any merged delta
+    applied: int = 0  # base-delta entries merged into this process's base weights
+
+    def client_data(self, node_config, client_id: int) -> EncodedData:
+        """The node's own file (node config `data-path`) or its partition of the configured dataset."""
+        path = node_config.get(DATA_PATH_KEY)
+        if path:
+            if path not in self.files:
+                self.files[path] = _load_file(self.cfg, str(path), self.host.tokenizer, self.label_names)
+            return self.files[path]
+        if self.partitions is None:
+            from fedlora.experiment import prepare_data
+
+            data = prepare_data(self.cfg, self.host.tokenizer)
+            if list(data.label_names) != list(self.label_names):
+                raise ValueError(f"labels differ from the server's: {data.label_names} vs {self.label_names}")
+            self.partitions = data.clients
+        if not 0 <= client_id < len(self.partitions):
+            raise ValueError(f"partition-id {client_id} outside 0..{len(self.partitions) - 1}")
+        return self.partitions[client_id]
+
+    def sync_base(self, entries: list[BaseEntry]) -> None:
+        """Make this process's base weights the pristine ones plus exactly `entries` (in order)."""
+        if not entries and self.applied == 0:
+            return
+        layers = lora.lora_layers(self.host.model)
+        if self.pristine is None:
+            self.pristine = {n: l.get_base_layer().weight.detach().clone() for n, l in layers.items()}
+        if self.applied > len(entries):  # another node of this process saw a longer history: start over
+            with torch.no_grad():
+                for n, w in self.pristine.items():
+                    layers[n].get_base_layer().weight.copy_(w)
+            self.applied = 0
+        for entry in entries[self.applied:]:
+            lora.merge_base_delta(self.host.model, {m: B.astype(np.float64) @ A.astype(np.float64) for m, (B, A) in entry.items()})
+        self.applied = len(entries)
+
+
+_RUNTIMES: dict[str, ClientRuntime] = {}
+
+
+def runtime_for(config_toml: str, label_names: list[str]) -> ClientRuntime:
+    key = hashlib.sha256((config_toml + "\0" + "\0".join(label_names)).encode()).hexdigest()
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()  # one experiment per process at a time: free the previous model
+        t0 = time.perf_counter()
+        cfg = config_from_toml(config_toml)
+        from fedlora.engines.local import build_strategy
+
+        torch.manual_seed(cfg.seed)
+        host = ModelHost(cfg, len(label_names), set(cfg.client_ranks()))
+        strategy = build_strategy(cfg, lora.module_dims(host.model))
+        trainer = ClientTrainer(cfg, host, strategy)
+        _RUNTIMES[key] = ClientRuntime(cfg, host, trainer, list(label_names), time.perf_counter() - t0)
+    return _RUNTIMES[key]
+
+
+def _load_file(cfg: ExperimentConfig, path: str, tokenizer, label_names: list[str]) -> EncodedData:
+    """A node's own labelled CSV/JSONL file, its labels mapped by name onto the federation's label ids."""
+    from fedlora.data import load_text_dataset
+
+    kind = "jsonl" if Path(path).suffix.lower() in (".jsonl", ".json") else "csv"
+    ds, _ = load_text_dataset(kind, path=path, text_column=cfg.data.text_column, label_column=cfg.data.label_column)
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(ds.label_names) - set(index))
+    if unknown:
+        raise ValueError(f"{path}: labels {unknown[:3]} are not among the federation's labels {label_names}")
+    mapping = np.array([index[n] for n in ds.label_names])
+    return encode(tokenizer, ds.texts, mapping[np.asarray(ds.labels)], cfg.data.max_length)
+
+
+# -- node state (context.state) ---------------------------------------------------------------------------------
+def _stored_base(state: RecordDict) -> dict[int, BaseEntry]:
+    return decode_base_entries(RecordDict({"base": state[BASE_STATE]})) if BASE_STATE in state else {}
+
+
+def store_base(state: RecordDict, new: dict[int, BaseEntry]) -> list[BaseEntry]:
+    """Add the entries of this instruction to the node's history; return the whole history, in order."""
+    entries = _stored_base(state)
+    if new:
+        entries.update(new)
+        record = ArrayRecord()
+        for i, entry in entries.items():
+            for m, (B, A) in entry.items():
+                record[f"{i}|{m}:B"], record[f"{i}|{m}:A"] = Array(B), Array(A)
+        state[BASE_STATE] = record
+    if sorted(entries) != list(range(len(entries))):
+        raise ValueError(f"base-delta history has gaps: {sorted(entries)}")
+    return [entries[i] for i in range(len(entries))]
+
+
+def load_accountant(state: RecordDict) -> dict | None:
+    if PRIVACY_STATE not in state:
+        return None
+    return json.loads(str(state[PRIVACY_STATE]["accountant"]))
+
+
+def save_accountant(state: RecordDict, report: dict, dp) -> None:
+    """Keep the client's accountant across rounds: its `state_dict()`, as JSON in a ConfigRecord."""
+    acc = report.get("accountant")
+    if acc is None and dp is not None and hasattr(getattr(dp, "accountant", None), "state_dict"):
+        acc = dp.accountant.state_dict()
+    if acc is not None:
+        state[PRIVACY_STATE] = ConfigRecord({"accountant": json.dumps(acc)})
+
+
+def make_client_privacy(cfg: ExperimentConfig, num_examples: int, accountant_state: dict | None):
+    """The privacy object `ClientTrainer.train(dp=...)` takes for sample-level DP, resumed from the node's
+    accountant state; None without sample-level DP. The one place that adapts to fedlora.privacy's API."""
+    if cfg.privacy.mode != "sample":
+        return None
+    from fedlora import privacy
+
+    factory = getattr(privacy, "ClientPrivacy", None)
+    if factory is None:
+        raise ValueError("privacy.mode=sample is not available yet in this build (fedlora.privacy has no ClientPrivacy)")
+    return factory.from_config(cfg, num_examples, accountant_state)
+
+
+# -- handlers ---------------------------------------------------------------------------------------------------
+def _instruction(msg: Message) -> tuple[ClientRuntime, int]:
+    ins = msg.content["instruction"]
+    rt = runtime_for(str(ins["config"]), [str(x) for x in ins["label-names"]])
+    return rt, int(ins["client-id"])
+
+
+def _check_node(context: Context, client_id: int) -> None:
+    pid, _ = node_partition(context.node_config)
+    if pid != client_id:
+        raise ValueError(f"instruction for client {client_id} reached the node of partition {pid}")
+
+
+def handle_train(msg: Message, context: Context, fault: Fault | None = None) -> Message:
+    rt, client_id = _instruction(msg)
+    _check_node(context, client_id)
+    setup_s = rt.setup_s
+    rt.setup_s = 0.0  # count the model load once, in the first reply of this process
+    data = rt.client_data(context.node_config, client_id)
+    ins = msg.content["instruction"]
+    entries = store_base(context.state, decode_base_entries(msg.content))
+    if len(entries) < int(ins["base-from"]) + int(ins["base-count"]):
+        raise ValueError("base-delta history incomplete on this node")
+    rt.sync_base(entries)
+    strategy = rt.trainer.strategy
+    down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, strategy.sends_A)
+    if fault is not None:
+        fault(down.round, client_id)
+    dp = make_client_privacy(rt.cfg, len(data), load_accountant(context.state))
+    update = rt.trainer.train(client_id, down, data) if dp is None else rt.trainer.train(client_id, down, data, dp=dp)
+    save_accountant(context.state, update.privacy, dp)
+    extra = {"base-count": len(entries), "setup-s": setup_s}
+    return Message(encode_update(update, strategy.sends_A, extra), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation: the global adapter sent for this client's rank, on the client's own data."""
+    rt, client_id = _instruction(msg)
+    _check_node(context, client_id)
+    data = rt.client_data(context.node_config, client_id)
+    rt.sync_base(store_base(context.state, decode_base_entries(msg.content)))
+    down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, rt.trainer.strategy.sends_A)
+    adapter = rt.trainer.load(down, client_id)
+    loss, acc = evaluate(rt.host, adapter, data, rt.cfg.eval.batch_size)
+    metrics = MetricRecord({"client-id": client_id, "eval-loss": loss, "eval-accuracy": acc, "num-examples": len(data)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Which client this node is: the server maps client ids to node ids with it before round 1."""
+    pid, n = node_partition(context.node_config)
+    reply = {PARTITION_KEY: pid} | ({} if n is None else {NUM_PARTITIONS_KEY: n})
+    return Message(RecordDict({"node": ConfigRecord(reply)}), reply_to=msg)
+
+
+def make_client_app(fault: Fault | None = None) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, fault)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context)
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context)
+
+    return app

@@ -25,7 +25,7 @@ from fedlora import lora
 from fedlora.client import ClientTrainer, EncodedData, encode, evaluate
 from fedlora.config import ExperimentConfig
 from fedlora.engines.flower_wire import BaseEntry, decode_base_entries, decode_downlink, encode_update
-from fedlora.models import ModelHost, load_tokenizer
+from fedlora.models import ModelHost
 
 PARTITION_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
@@ -150,32 +150,22 @@ def store_base(state: RecordDict, new: dict[int, BaseEntry]) -> list[BaseEntry]:
     return [entries[i] for i in range(len(entries))]
 
 
-def load_accountant(state: RecordDict) -> dict | None:
-    if PRIVACY_STATE not in state:
-        return None
-    return json.loads(str(state[PRIVACY_STATE]["accountant"]))
-
-
-def save_accountant(state: RecordDict, report: dict, dp) -> None:
-    """Keep the client's accountant across rounds: its `state_dict()`, as JSON in a ConfigRecord."""
-    acc = report.get("accountant")
-    if acc is None and dp is not None and hasattr(getattr(dp, "accountant", None), "state_dict"):
-        acc = dp.accountant.state_dict()
-    if acc is not None:
-        state[PRIVACY_STATE] = ConfigRecord({"accountant": json.dumps(acc)})
-
-
-def make_client_privacy(cfg: ExperimentConfig, num_examples: int, accountant_state: dict | None):
-    """The privacy object `ClientTrainer.train(dp=...)` takes for sample-level DP, resumed from the node's
-    accountant state; None without sample-level DP. The one place that adapts to fedlora.privacy's API."""
+def load_privacy(cfg: ExperimentConfig, state: RecordDict, num_examples: int):
+    """This client's sample-level DP state (`dp.SamplePrivacy`): resumed from the node's state, else calibrated
+    once for the whole run, as the local engine does. None without sample-level DP."""
     if cfg.privacy.mode != "sample":
         return None
-    from fedlora import privacy
+    from fedlora.dp import SamplePrivacy
 
-    factory = getattr(privacy, "ClientPrivacy", None)
-    if factory is None:
-        raise ValueError("privacy.mode=sample is not available yet in this build (fedlora.privacy has no ClientPrivacy)")
-    return factory.from_config(cfg, num_examples, accountant_state)
+    if PRIVACY_STATE in state:
+        return SamplePrivacy.from_state_dict(json.loads(str(state[PRIVACY_STATE]["state"])))
+    return SamplePrivacy.for_client(cfg, num_examples)
+
+
+def save_privacy(state: RecordDict, dp) -> None:
+    """Keep the client's DP state (sigma, q and its accountant) across rounds, as JSON in a ConfigRecord."""
+    if dp is not None:
+        state[PRIVACY_STATE] = ConfigRecord({"state": json.dumps(dp.state_dict())})
 
 
 # -- handlers ---------------------------------------------------------------------------------------------------
@@ -206,9 +196,12 @@ def handle_train(msg: Message, context: Context, fault: Fault | None = None) -> 
     down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, strategy.sends_A)
     if fault is not None:
         fault(down.round, client_id)
-    dp = make_client_privacy(rt.cfg, len(data), load_accountant(context.state))
-    update = rt.trainer.train(client_id, down, data) if dp is None else rt.trainer.train(client_id, down, data, dp=dp)
-    save_accountant(context.state, update.privacy, dp)
+    dp = load_privacy(rt.cfg, context.state, len(data))
+    if dp is not None and not dp.can_train(rt.cfg.federation.local_steps):
+        reason = f"privacy budget exhausted (epsilon={dp.target_epsilon})"
+        return Message(RecordDict({"skip": ConfigRecord({"reason": reason})}), reply_to=msg)
+    update = rt.trainer.train(client_id, down, data, dp=dp)
+    save_privacy(context.state, dp)
     extra = {"base-count": len(entries), "setup-s": setup_s}
     return Message(encode_update(update, strategy.sends_A, extra), reply_to=msg)
 

@@ -22,6 +22,7 @@ from fedlora.client import Update, evaluate
 from fedlora.config import ExperimentConfig
 from fedlora.engines.flower_client import NUM_PARTITIONS_KEY, PARTITION_KEY
 from fedlora.engines.flower_wire import BaseEntry, decode_update, encode_downlink
+from fedlora.engines.local import build_strategy, privacy_metrics
 from fedlora.experiment import FederatedData, dense_to_factors, export_adapter, prepare_data
 from fedlora.metrics import MetricsWriter, write_summary
 from fedlora.models import ModelHost, adapter_name, load_tokenizer
@@ -50,8 +51,6 @@ class ServerSide:
     """The server's model (central evaluation, merges), held-out data and fedlora `Server`, built once."""
 
     def __init__(self, cfg: ExperimentConfig, progress: RunProgress):
-        from fedlora.engines.local import build_strategy
-
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.data: FederatedData = prepare_data(cfg, load_tokenizer(cfg.model.name))
@@ -171,6 +170,9 @@ class FlowerRounds:
             if reply.has_error():
                 traffic.dropped[c] = f"client failed: {one_line(reply.error.reason)}"
                 continue
+            if "skip" in reply.content:  # e.g. its privacy budget would be exceeded: it sits out
+                traffic.dropped[c] = str(reply.content["skip"]["reason"])
+                continue
             try:
                 up = decode_update(reply.content, self.cfg, server.dims, self.side.strategy.sends_A)
             except ValueError as exc:
@@ -248,7 +250,7 @@ class FlowerRounds:
                 "client_setup_s": traffic.setup_s,
                 "wall_s": time.perf_counter() - t_round,
             }
-            row.update(privacy_fields(cfg, server.privacy))
+            row.update(privacy_metrics(cfg, server.privacy))
             if self.options.federated_eval:
                 row["client_eval_accuracy"] = self.federated_eval()
             writer.write(row)
@@ -281,24 +283,8 @@ class FlowerRounds:
             "partition": side.data.partition_stats,
             "dropped_total": sum(len(r["dropped"]) for r in rows),
         }
+        if rows and cfg.privacy.mode != "none":
+            summary["final_epsilon"] = rows[-1].get("epsilon")
+            summary["delta"] = cfg.privacy.delta
         write_summary(self.run_dir, summary)
         return summary
-
-
-def privacy_fields(cfg: ExperimentConfig, reports: dict[int, dict]) -> dict:
-    """DP columns of a metrics row from the clients' latest privacy reports (epsilon: max over clients)."""
-    if cfg.privacy.mode == "none" or not reports:
-        return {}
-
-    def most(key: str):
-        vals = [r[key] for r in reports.values() if isinstance(r.get(key), (int, float))]
-        return max(vals) if vals else None
-
-    return {
-        "epsilon": most("epsilon"),
-        "delta": cfg.privacy.delta,
-        "noise_multiplier": most("noise_multiplier"),
-        "sample_rate": most("sample_rate"),
-        "dp_steps": most("dp_steps") if most("dp_steps") is not None else most("steps"),
-        "accountant": cfg.privacy.accountant,
-    }

@@ -1,0 +1,136 @@
+"""The Flower payload codec: exactly what a method sends, byte counts from the real arrays, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, RecordDict
+
+from fedlora import lora
+from fedlora.client import Downlink, Update
+from fedlora.config import load_config
+from fedlora.engines.flower import config_from_run_config, simulation_backend_config
+from fedlora.engines.flower_client import store_base
+from fedlora.engines.flower_wire import (
+    decode_base_entries,
+    decode_downlink,
+    decode_update,
+    encode_downlink,
+    encode_update,
+    shared_A,
+)
+from fedlora.strategies import LoraFactors
+
+DIMS = {"enc.0.query": (6, 5), "enc.0.value": (7, 5)}
+HEAD = {"classifier.weight": np.arange(10, dtype=np.float32).reshape(2, 5), "classifier.bias": np.ones(2, np.float32)}
+HEAD_BYTES = 12 * 4
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["federation.num_clients=2", "federation.ranks=[2, 4]", *overrides])
+
+
+def _factors(rank: int, cfg, rng) -> dict[str, LoraFactors]:
+    A = shared_A(cfg, DIMS, rank)
+    return {m: LoraFactors(A=A[m], B=rng.normal(size=(d_out, rank)).astype(np.float32), scale=cfg.lora.scale(rank))
+            for m, (d_out, _) in DIMS.items()}
+
+
+def test_shared_A_is_the_seeded_prefix_of_the_widest_rank():
+    cfg = _cfg()
+    widest = lora.initial_factors(cfg.seed, DIMS, 4, cfg.lora.scale(4))
+    for rank in (1, 2, 4):
+        for m, A in shared_A(cfg, DIMS, rank).items():
+            assert np.array_equal(A, widest[m].A[:rank])
+
+
+def test_ffa_downlink_carries_B_and_head_only():
+    cfg, rng = _cfg(), np.random.default_rng(0)
+    down = Downlink(rank=2, factors=_factors(2, cfg, rng), head=HEAD, round=3)
+    payload = encode_downlink(cfg, down, 1, False, [], 0, cfg.to_toml(), ["neg", "pos"])
+    assert not any(k.endswith(":A") for k in payload.content["lora"])
+    assert payload.nbytes == (6 * 2 + 7 * 2) * 4 + HEAD_BYTES
+    back = decode_downlink(payload.content, cfg, DIMS, sends_A=False)
+    assert (back.rank, back.round) == (2, 3)
+    for m, f in down.factors.items():
+        assert np.array_equal(back.factors[m].A, f.A) and np.array_equal(back.factors[m].B, f.B)
+        assert back.factors[m].scale == f.scale
+    assert all(np.array_equal(back.head[k], v) for k, v in HEAD.items())
+
+
+def test_downlink_is_sent_in_the_clients_own_scale():
+    """Factors labelled with another scale are re-expressed before casting, as ClientTrainer.load would."""
+    cfg, rng = _cfg(), np.random.default_rng(1)
+    f = _factors(4, cfg, rng)
+    other = {m: LoraFactors(A=x.A, B=x.B.astype(np.float64), scale=x.scale * 2) for m, x in f.items()}
+    payload = encode_downlink(cfg, Downlink(4, other, {}, 1), 0, True, [], 0, "", [])
+    back = decode_downlink(payload.content, cfg, DIMS, sends_A=True)
+    want = lora.with_scale(other, cfg.lora.scale(4))
+    for m in f:
+        assert back.factors[m].scale == cfg.lora.scale(4)
+        assert np.array_equal(back.factors[m].B, want[m].B.astype(np.float32))
+
+
+def test_update_round_trip_and_bytes_follow_sends_A():
+    cfg, rng = _cfg(), np.random.default_rng(2)
+    update = Update(client_id=1, rank=4, factors=_factors(4, cfg, rng), head=HEAD, num_examples=17, train_loss=0.5,
+                    steps=3, samples=48, train_s=0.25, next_rank=None, privacy={"epsilon": 1.5, "accountant": {"h": [[1.0, 0.1, 3]]}})
+    for sends_A, lora_bytes in ((False, (6 + 7) * 4 * 4), (True, (6 + 7 + 5 + 5) * 4 * 4)):
+        up = decode_update(encode_update(update, sends_A, {"base-count": 2}), cfg, DIMS, sends_A)
+        assert up.nbytes == lora_bytes + HEAD_BYTES and up.nbytes_head == HEAD_BYTES
+        u = up.update
+        assert (u.client_id, u.rank, u.num_examples, u.steps, u.samples, u.next_rank) == (1, 4, 17, 3, 48, None)
+        assert u.privacy == update.privacy and up.metrics["base-count"] == 2
+        for m, f in update.factors.items():
+            assert np.array_equal(u.factors[m].A, f.A) and np.array_equal(u.factors[m].B, f.B)
+
+
+def test_malformed_reply_is_one_line_value_error():
+    cfg, rng = _cfg(), np.random.default_rng(3)
+    update = Update(0, 2, _factors(2, cfg, rng), {}, 5, 0.1, 1, 5, 0.1)
+    content = encode_update(update, True)
+    content["lora"] = ArrayRecord({k: v for k, v in content["lora"].items() if not k.endswith(":A")})
+    with pytest.raises(ValueError, match="malformed reply") as err:
+        decode_update(content, cfg, DIMS, sends_A=True)  # a method that sends A must not get the seeded one
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="malformed reply"):
+        decode_update(RecordDict({}), cfg, DIMS, sends_A=False)
+
+
+def test_base_deltas_travel_as_factors_and_accumulate_on_the_node():
+    cfg, rng = _cfg(), np.random.default_rng(4)
+    entries = [{m: (rng.normal(size=(d_out, 3)), rng.normal(size=(3, d_in))) for m, (d_out, d_in) in DIMS.items()}
+               for _ in range(3)]
+    state = RecordDict()
+    first = encode_downlink(cfg, Downlink(2, {}, {}, 2), 0, True, entries[:2], 0, "", [])
+    assert first.nbytes == 2 * sum((d_out + d_in) * 3 for d_out, d_in in DIMS.values()) * 4
+    assert len(store_base(state, decode_base_entries(first.content))) == 2
+    later = encode_downlink(cfg, Downlink(2, {}, {}, 4), 0, True, entries[2:], 2, "", [])
+    held = store_base(state, decode_base_entries(later.content))
+    assert len(held) == 3
+    for got, want in zip(held, entries):
+        for m in DIMS:
+            assert np.allclose(got[m][0], want[m][0], atol=1e-6) and np.allclose(got[m][1], want[m][1], atol=1e-6)
+    gap = encode_downlink(cfg, Downlink(2, {}, {}, 4), 0, True, entries[:1], 5, "", [])
+    with pytest.raises(ValueError, match="gaps"):
+        store_base(state, decode_base_entries(gap.content))
+
+
+def test_run_config_reads_fedlora_config_and_overrides(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text("[federation]\nnum_clients = 3\n")
+    cfg, out, options = config_from_run_config(
+        {"config": str(path), "overrides": "federation.rounds=5 strategy.name=rbla", "out": "runs/x",
+         "round-timeout": 30.0, "node-wait": 5.0, "federated-eval": True})
+    assert (cfg.federation.num_clients, cfg.federation.rounds, cfg.strategy.name) == (3, 5, "rbla")
+    assert out == "runs/x" and (options.round_timeout_s, options.node_wait_s, options.federated_eval) == (30.0, 5.0, True)
+    with pytest.raises(ValueError, match="not found"):
+        config_from_run_config({"config": str(tmp_path / "missing.toml")})
+    with pytest.raises(ValueError, match="unknown key"):
+        config_from_run_config({"overrides": "federation.nope=1"})
+
+
+def test_simulation_backend_is_cpu_only_one_core_per_client():
+    conf = simulation_backend_config(num_clients=3)
+    assert conf["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
+    assert conf["init_args"]["num_gpus"] == 0 and 1 <= conf["init_args"]["num_cpus"] <= 3

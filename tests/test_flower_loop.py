@@ -1,0 +1,144 @@
+"""The Flower ServerApp loop and ClientApp, run in this process over a Grid double (no Ray, no sockets).
+
+Covers what the real runtimes make slow to reach: base deltas merged on clients (FLoRA) against the local
+engine, crashed and silent clients, too few replies, and nodes without a usable partition id.
+"""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlora.config import load_config
+from fedlora.engines.flower import FlowerOptions
+from fedlora.engines.flower_client import make_client_app
+from fedlora.engines.flower_server import FlowerRounds, FlowerRunError, ServerSide, map_nodes
+from fedlora.engines.local import LocalRun
+from fedlora.experiment import make_run_dir
+from fedlora.metrics import read_metrics
+from fedlora.progress import RunProgress
+
+pytestmark = pytest.mark.slow
+
+QUIET = RunProgress(enabled=False)
+TINY = [
+    "data.max_length=32", "data.max_eval_examples=200", "federation.rounds=2", "federation.local_steps=3",
+    "federation.batch_size=16", "federation.partition=iid", "output.save_adapter=false", "output.progress=false",
+]
+
+
+class InProcessGrid(Grid):
+    """Delivers each message to the ClientApp of its node right away; `silent` nodes never answer a train
+    instruction (they did answer the query that mapped them: they vanished mid-run)."""
+
+    def __init__(self, app, node_configs: list[dict], silent: set[int] = frozenset()):
+        self.app, self.silent = app, set(silent)
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config=nc, state=RecordDict(), run_config={})
+                         for i, nc in enumerate(node_configs)}
+
+    def set_run(self, run) -> None:  # pragma: no cover - not used by the loop
+        pass
+
+    @property
+    def run(self):  # pragma: no cover
+        return None
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover - deprecated in Flower, not used
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node in self.silent and msg.metadata.message_type == "train":
+                continue
+            try:
+                replies.append(self.app(msg, self.contexts[node]))
+            except Exception as exc:  # what a SuperNode reports when its ClientApp raises
+                replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}:<'{exc}'>"), reply_to=msg))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages take the sender's identity from TaskIdentity, as inside a real ServerApp process."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _nodes(n: int) -> list[dict]:
+    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
+
+
+def _flower_run(cfg, run_dir, grid, options=None) -> list[dict]:
+    make_run_dir(cfg, str(run_dir))
+    FlowerRounds(grid, ServerSide(cfg, QUIET), run_dir, QUIET, options or FlowerOptions(node_wait_s=0.0)).run()
+    return read_metrics(run_dir)
+
+
+def test_flora_base_deltas_reach_clients_and_match_the_local_engine(tmp_path):
+    cfg = load_config(None, TINY + ["federation.num_clients=2", "federation.ranks=[2, 4]", "strategy.name=flora"])
+    LocalRun(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET).run()
+    grid = InProcessGrid(make_client_app(), _nodes(2))
+    rows = _flower_run(cfg, tmp_path / "flower", grid)
+    local = read_metrics(tmp_path / "local")
+    for a, b in zip(local, rows):
+        assert abs(a["eval_accuracy"] - b["eval_accuracy"]) <= 1e-3
+        # Clients merge the delta from float32 factors, the local engine from the dense float64 matrix.
+        assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4 and abs(a["train_loss"] - b["train_loss"]) < 1e-4
+        assert a["bytes_up"] == b["bytes_up"]
+    # Round 2's instructions carried round 1's merged delta; each node now holds that one entry.
+    assert rows[1]["bytes_down"] > rows[0]["bytes_down"]
+    assert all("fedlora.base" in ctx.state for ctx in grid.contexts.values())
+
+
+def test_crashed_and_silent_clients_are_dropped_and_named(tmp_path):
+    cfg = load_config(None, TINY + ["federation.num_clients=3", "federation.ranks=[4, 8]"])
+
+    def fault(rnd: int, client: int) -> None:
+        if (rnd, client) == (2, 1):
+            raise RuntimeError("boom: client 1 lost its disk")
+
+    grid = InProcessGrid(make_client_app(fault), _nodes(3), silent={102})
+    rows = _flower_run(cfg, tmp_path / "run", grid, FlowerOptions(round_timeout_s=5.0, node_wait_s=0.0))
+    assert [r["clients"] for r in rows] == [[0, 1], [0]]
+    assert [r["dropped"] for r in rows] == [[2], [1, 2]]
+    assert "boom: client 1 lost its disk" in rows[1]["dropped_reasons"]["1"]
+    assert rows[1]["dropped_reasons"]["2"] == "no reply within 5s"
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_too_few_valid_replies_end_the_run_with_one_line(tmp_path):
+    cfg = load_config(None, TINY + ["federation.num_clients=2", "federation.min_clients=2"])
+
+    def fault(rnd: int, client: int) -> None:
+        raise RuntimeError("disk full")
+
+    grid = InProcessGrid(make_client_app(fault), _nodes(2))
+    with pytest.raises(FlowerRunError, match="min_clients=2") as err:
+        _flower_run(cfg, tmp_path / "run", grid)
+    assert "\n" not in str(err.value) and "disk full" in str(err.value)
+
+
+def test_nodes_must_say_which_client_they_are():
+    cfg = load_config(None, ["federation.num_clients=2"])
+    app = make_client_app()
+    with pytest.raises(FlowerRunError, match="num-partitions=3"):
+        map_nodes(InProcessGrid(app, _nodes(3)), cfg, FlowerOptions(node_wait_s=0.0), {}, QUIET)
+    with pytest.raises(FlowerRunError, match="only 0 of 2 clients"):
+        map_nodes(InProcessGrid(app, [{}, {}]), cfg, FlowerOptions(node_wait_s=0.0), {}, QUIET)
+    mapping = map_nodes(InProcessGrid(app, _nodes(2)[::-1]), cfg, FlowerOptions(node_wait_s=0.0), {}, QUIET)
+    assert mapping == {1: 100, 0: 101}

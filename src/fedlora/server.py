@@ -214,3 +214,34 @@ class Server:
             factors = {n: LoraFactors(A=f.A, B=np.zeros_like(f.B), scale=f.scale)
                        for n, f in lora.initial_factors(self.cfg.seed, self.dims, r_max, self.cfg.lora.scale(r_max)).items()}
         return r_max, factors
+
+    # -- checkpoint --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: a nested dict of JSON values and NumPy arrays."""
+        state = {
+            "round": self.round,
+            "client_ranks": list(self.client_ranks),
+            "head": dict(self.head),
+            "base_delta": dict(self.base_delta),
+            "global_factors": dict(self.global_factors),
+            "downlinks": {r: dict(f) for r, f in self._downlinks.items()},
+            "down_nbytes": dict(self._down_nbytes),
+            "fresh": self._fresh,
+            "rng": self.rng.bit_generator.state,
+            "privacy": dict(self.privacy),
+            "strategy": self.strategy.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = int(state["round"])
+        self.client_ranks = [int(r) for r in state["client_ranks"]]
+        self.head = state["head"]
+        self.base_delta = state["base_delta"]
+        self.global_factors = state["global_factors"]
+        self._downlinks = {int(r): f for r, f in state["downlinks"].items()}
+        self._down_nbytes = {int(r): int(n) for r, n in state["down_nbytes"].items()}
+        self._fresh = bool(state["fresh"])
+        self.rng.bit_generator.state = state["rng"]
+        self.privacy = {int(c): rep for c, rep in state["privacy"].items()}
+        self.strategy.load_state_dict(state["strategy"])

@@ -15,7 +15,8 @@ from fedlora import lora
 from fedlora.client import ClientTrainer, Update, evaluate
 from fedlora.config import ExperimentConfig
 from fedlora.experiment import FederatedData, export_adapter, prepare_data
-from fedlora.metrics import MetricsWriter, write_summary
+from fedlora.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.metrics import MetricsWriter, read_metrics, write_summary
 from fedlora.models import ModelHost, adapter_name, load_tokenizer
 from fedlora.progress import RunProgress
 from fedlora.dp import SamplePrivacy, max_epsilon
@@ -69,6 +70,8 @@ class LocalRun:
         self.host = ModelHost(cfg, len(self.data.label_names), set(cfg.client_ranks()))
         self.strategy = build_strategy(cfg, lora.module_dims(self.host.model))
         self.trainer = ClientTrainer(cfg, self.host, self.strategy)
+        self.before: tuple[float, float] | None = None  # (loss, accuracy) of the global model before round 1
+        self.totals = [0, 0.0]  # samples trained, seconds spent training (for samples/s)
         r_max = max(cfg.client_ranks())
         self.client_privacy: dict[int, SamplePrivacy] = {}
         if cfg.privacy.mode == "sample":
@@ -77,6 +80,33 @@ class LocalRun:
             cfg, self.strategy, lora.module_dims(self.host.model),
             lora.get_head(self.host.model, adapter_name(r_max)), [len(c) for c in self.data.clients],
         )
+
+    @classmethod
+    def resume(cls, cfg: ExperimentConfig, run_dir: Path, progress: RunProgress) -> "LocalRun":
+        """Rebuild the run from its config, then restore the last checkpoint."""
+        run = cls(cfg, run_dir, progress)
+        state = load_checkpoint(Path(run_dir) / "checkpoint")
+        run.server.load_state_dict(state["server"])
+        run.client_privacy = {int(c): SamplePrivacy.from_state_dict(d) for c, d in state["client_privacy"].items()}
+        with torch.no_grad():
+            layers = lora.lora_layers(run.host.model)
+            for name, w in state["base_weights"].items():
+                layers[name].get_base_layer().weight.copy_(torch.from_numpy(w))
+        run.before = tuple(state["before"])
+        run.totals = list(state["totals"])
+        progress.note(f"resumed {run_dir} after round {run.server.round}")
+        return run
+
+    def save_checkpoint(self) -> None:
+        layers = lora.lora_layers(self.host.model)
+        save_checkpoint(self.run_dir / "checkpoint", {
+            "server": self.server.state_dict(),
+            "client_privacy": {c: p.state_dict() for c, p in self.client_privacy.items()},
+            # The exact float32 base weights that absorbed merges (FLoRA, FedEx), not a re-summed delta.
+            "base_weights": {n: layers[n].get_base_layer().weight.detach().numpy().copy() for n in self.server.base_delta},
+            "before": list(self.before),
+            "totals": list(self.totals),
+        })
 
     def evaluate_global(self) -> tuple[float, float]:
         rank, factors = self.server.global_eval_factors()
@@ -106,12 +136,11 @@ class LocalRun:
 
     def run(self) -> dict:
         cfg, server = self.cfg, self.server
-        writer = MetricsWriter(self.run_dir)
-        t0 = time.perf_counter()
-        loss0, acc0 = self.evaluate_global()
-        self.progress.note(f"held-out accuracy before training: {acc0:.4f} ({len(self.data.test)} examples)")
-        rows = []
-        total_samples, total_train_s = 0, 0.0
+        writer = MetricsWriter(self.run_dir, truncate_after_round=server.round)
+        if self.before is None:
+            self.before = self.evaluate_global()
+            self.progress.note(f"held-out accuracy before training: {self.before[1]:.4f} ({len(self.data.test)} examples)")
+        loss0, acc0 = self.before
         for _ in range(server.round, cfg.federation.rounds):
             t_round = time.perf_counter()
             updates, sampled, skipped = self.train_round()
@@ -121,8 +150,8 @@ class LocalRun:
             eval_loss, eval_acc = self.evaluate_global()
             samples = sum(u.samples for u in updates)
             train_s = sum(u.train_s for u in updates)
-            total_samples += samples
-            total_train_s += train_s
+            self.totals[0] += samples
+            self.totals[1] += train_s
             row = {
                 "round": server.round,
                 "strategy": cfg.strategy.name,
@@ -142,9 +171,10 @@ class LocalRun:
             }
             row.update(privacy_metrics(cfg, server.privacy))
             writer.write(row)
-            rows.append(row)
+            self.save_checkpoint()
             self.progress.end_round(row)
 
+        rows = read_metrics(self.run_dir)
         rank, factors = server.global_eval_factors()
         if cfg.output.save_adapter:
             export_adapter(cfg, self.run_dir / "adapter", rank, factors, server.head, server.base_delta,
@@ -159,8 +189,8 @@ class LocalRun:
             "best_accuracy": max([r["eval_accuracy"] for r in rows] + [acc0]),
             "bytes_up_total": sum(r["bytes_up"] for r in rows),
             "bytes_down_total": sum(r["bytes_down"] for r in rows),
-            "train_samples_per_s": total_samples / total_train_s if total_train_s > 0 else None,
-            "wall_s": time.perf_counter() - t0,
+            "train_samples_per_s": self.totals[0] / self.totals[1] if self.totals[1] > 0 else None,
+            "wall_s": sum(r["wall_s"] for r in rows),
             "num_clients": cfg.federation.num_clients,
             "client_ranks": cfg.client_ranks(),
             "test_examples": len(self.data.test),

@@ -61,6 +61,7 @@ class FederationConfig(_Section):
     ranks: list[int] | None = None  # per-client LoRA ranks, cycled over clients; None: lora.rank for all
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of sampled clients that fail each round (testing)
     min_clients: int = Field(1, ge=1)
+    max_update_norm: float | None = Field(None, gt=0.0)  # server rejects updates whose L2 norm exceeds it
 
     @field_validator("ranks")
     @classmethod

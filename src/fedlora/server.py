@@ -32,12 +32,11 @@ class RoundOutcome:
     extra: dict = field(default_factory=dict)
 
 
-def validate_update(update: Update, expected: set[str], max_norm: float | None) -> str | None:
+def validate_update(update: Update, expected: set[str]) -> str | None:
     """Why an update must be rejected, or None. Checks before the strategy sees anything."""
     if set(update.factors) != expected:
         missing, extra = sorted(expected - set(update.factors)), sorted(set(update.factors) - expected)
         return f"wrong module set (missing {missing[:2]}, unexpected {extra[:2]})"
-    total = 0.0
     for name, f in update.factors.items():
         if f.A.ndim != 2 or f.B.ndim != 2 or f.A.shape[0] != f.B.shape[1]:
             return f"module {name}: inconsistent shapes A{f.A.shape} B{f.B.shape}"
@@ -45,12 +44,9 @@ def validate_update(update: Update, expected: set[str], max_norm: float | None) 
             return f"module {name}: rank {f.A.shape[0]} above the client's rank {update.rank}"
         if not (np.all(np.isfinite(f.A)) and np.all(np.isfinite(f.B))):
             return f"module {name}: non-finite values"
-        total += float(np.sum(np.square(f.A, dtype=np.float64)) + np.sum(np.square(f.B, dtype=np.float64)))
     for name, h in update.head.items():
         if not np.all(np.isfinite(h)):
             return f"head {name}: non-finite values"
-    if max_norm is not None and np.sqrt(total) > max_norm:
-        return f"update norm {np.sqrt(total):.3g} above the bound {max_norm:.3g}"
     return None
 
 
@@ -126,9 +122,15 @@ class Server:
         rejected: dict[int, str] = {}
         good: list[Update] = []
         for u in updates:
-            reason = validate_update(u, expected, max_norm)
+            reason = validate_update(u, expected)
             if reason is None and u.rank != self.client_ranks[u.client_id]:
                 reason = f"rank {u.rank} differs from the client's assigned rank {self.client_ranks[u.client_id]}"
+            if reason is None:
+                reason = self._check_shapes(u)
+            if reason is None and max_norm is not None:
+                norm = self.change_norm(u)
+                if norm > max_norm:
+                    reason = f"update norm {norm:.3g} above the bound {max_norm:.3g}"
             if reason:
                 rejected[u.client_id] = reason
             else:
@@ -173,6 +175,30 @@ class Server:
             extra=extra,
         )
 
+    def _reference(self, u: Update) -> dict[str, LoraFactors]:
+        """The factors the client started this round from (FLoRA: its fresh, seed-derived init)."""
+        from fedlora.client import fresh_factors
+
+        return self.downlink_factors(u.rank) or fresh_factors(self.cfg, self.dims, u.rank, self.round + 1, u.client_id)
+
+    def _check_shapes(self, u: Update) -> str | None:
+        for name, (d_out, d_in) in self.dims.items():
+            f = u.factors[name]
+            if f.A.shape != (u.rank, d_in) or f.B.shape != (d_out, u.rank):
+                return f"module {name}: shapes A{f.A.shape} B{f.B.shape}, expected A{(u.rank, d_in)} B{(d_out, u.rank)}"
+        for name, h in self.head.items():
+            if name not in u.head or u.head[name].shape != h.shape:
+                return f"head {name}: missing or wrong shape"
+        return None
+
+    def change_norm(self, u: Update) -> float:
+        """L2 norm of what the client changed in what it sends (factors and head) this round."""
+        from fedlora.dp import sent_tensors
+
+        sends_A = self.strategy.sends_A
+        now, ref = sent_tensors(u.factors, u.head, sends_A), sent_tensors(self._reference(u), self.head, sends_A)
+        return float(np.sqrt(sum(np.sum((now[k] - ref[k]) ** 2) for k in now)))
+
     # -- client-level DP ---------------------------------------------------------------------------
     def _client_level_dp(self, good: list[Update]) -> tuple[list[Update], dict]:
         """DP-FedAvg on what is sent: clip each client's change to S, Gaussian noise, one accountant step.
@@ -181,7 +207,6 @@ class Server:
         a client of the largest rank before a uniform-weight (slot-wise) mean, which is exactly noise on the
         (per-slot) sum divided by the (per-slot) count. Other methods get that noise on every update.
         """
-        from fedlora.client import fresh_factors
         from fedlora.dp import add_noise, clip_client_update, noise_placement
         from fedlora.privacy import ClientAccountant
 
@@ -193,7 +218,7 @@ class Server:
         noisy_at = max(range(len(good)), key=lambda i: good[i].rank) if placement == "sum" else None
         out, norms = [], {}
         for i, u in enumerate(good):
-            ref = self.downlink_factors(u.rank) or fresh_factors(self.cfg, self.dims, u.rank, self.round + 1, u.client_id)
+            ref = self._reference(u)
             factors, head, norms[u.client_id] = clip_client_update(u.factors, u.head, ref, self.head, p.clip, sends_A)
             if placement == "each" or i == noisy_at:
                 factors, head = add_noise(factors, head, sigma * p.clip, sends_A, rng)

@@ -144,7 +144,7 @@ class LocalRun:
         for _ in range(server.round, cfg.federation.rounds):
             t_round = time.perf_counter()
             updates, sampled, skipped = self.train_round()
-            outcome = server.finish_round(updates, sampled)
+            outcome = server.finish_round(updates, sampled, cfg.federation.max_update_norm)
             if outcome.base_delta:
                 lora.merge_base_delta(self.host.model, outcome.base_delta)
             eval_loss, eval_acc = self.evaluate_global()

@@ -12,6 +12,8 @@ The round logic is fedlora's `Server` (flower_server.py), the training fedlora's
 
 from __future__ import annotations
 
+from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
+
 import logging
 import os
 import shlex

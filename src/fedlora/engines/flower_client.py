@@ -8,6 +8,8 @@ model is loaded once and shared by the nodes the process serves (Ray actors in s
 
 from __future__ import annotations
 
+from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
+
 import hashlib
 import json
 import time

@@ -8,6 +8,8 @@ held-out set. Clients that crash, time out or send malformed payloads are listed
 
 from __future__ import annotations
 
+from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
+
 import time
 from dataclasses import dataclass
 from pathlib import Path

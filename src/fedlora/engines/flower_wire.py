@@ -7,6 +7,8 @@ weights (FLoRA, FedEx). Byte counts are the `nbytes` of those float32 arrays, i.
 
 from __future__ import annotations
 
+from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
+
 import json
 from dataclasses import dataclass
 

@@ -120,9 +120,10 @@ def test_run_config_reads_fedlora_config_and_overrides(tmp_path):
     path = tmp_path / "exp.toml"
     path.write_text("[federation]\nnum_clients = 3\n")
     cfg, out, options = config_from_run_config(
-        {"config": str(path), "overrides": "federation.rounds=5 strategy.name=rbla", "out": "runs/x",
+        {"config": str(path), "overrides": "federation.rounds=5 federation.ranks=[2, 4]  strategy.name=rbla", "out": "runs/x",
          "round-timeout": 30.0, "node-wait": 5.0, "federated-eval": True})
     assert (cfg.federation.num_clients, cfg.federation.rounds, cfg.strategy.name) == (3, 5, "rbla")
+    assert cfg.federation.ranks == [2, 4]
     assert out == "runs/x" and (options.round_timeout_s, options.node_wait_s, options.federated_eval) == (30.0, 5.0, True)
     with pytest.raises(ValueError, match="not found"):
         config_from_run_config({"config": str(tmp_path / "missing.toml")})
@@ -134,3 +135,32 @@ def test_simulation_backend_is_cpu_only_one_core_per_client():
     conf = simulation_backend_config(num_clients=3)
     assert conf["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
     assert conf["init_args"]["num_gpus"] == 0 and 1 <= conf["init_args"]["num_cpus"] <= 3
+
+
+def test_a_node_tokenizes_exactly_its_partition_of_prepare_data():
+    from fedlora.engines.flower_client import partition_data
+    from fedlora.experiment import prepare_data
+    from fedlora.models import load_tokenizer
+
+    cfg = load_config(None, ["federation.num_clients=3", "federation.partition=dirichlet", "data.max_length=24"])
+    tok = load_tokenizer(cfg.model.name)
+    full = prepare_data(cfg, tok)
+    for k in range(3):
+        mine, names = partition_data(cfg, tok, k)
+        assert names == full.label_names and np.array_equal(mine.labels, full.clients[k].labels)
+        assert all(np.array_equal(a, b) for a, b in zip(mine.input_ids, full.clients[k].input_ids))
+    with pytest.raises(ValueError, match="partition-id 3 outside"):
+        partition_data(cfg, tok, 3)
+
+
+def test_a_node_with_its_own_file_maps_labels_by_name(tmp_path):
+    from fedlora.engines.flower_client import _load_file
+    from fedlora.models import load_tokenizer
+
+    cfg = load_config(None, ["data.max_length=16"])
+    path = tmp_path / "mine.csv"
+    path.write_text("text,label\ngreat film,positive\ndull and long,negative\nloved it,positive\n")
+    data = _load_file(cfg, str(path), load_tokenizer(cfg.model.name), ["negative", "positive"])
+    assert data.labels.tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="not among the federation's labels"):
+        _load_file(cfg, str(path), load_tokenizer(cfg.model.name), ["neg", "pos"])

@@ -16,7 +16,7 @@ from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry
 
 import logging
 import os
-import shlex
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,12 +111,17 @@ def _find_config(path: str) -> Path:
     raise ValueError(f"run config: fedlora config file not found: {path}")
 
 
+def split_overrides(text: str) -> list[str]:
+    """"a.b=1 c.d=[4, 8]" -> ["a.b=1", "c.d=[4, 8]"]: a new item starts only where a `key=` follows a space."""
+    return [item for item in re.split(r"\s+(?=[A-Za-z_][\w.\-]*=)", text.strip()) if item]
+
+
 def config_from_run_config(run_config) -> tuple[ExperimentConfig, str | None, FlowerOptions]:
     """(fedlora config, run folder, options) from Flower's run config (pyproject + `--run-config`)."""
     from fedlora.config import load_config
 
     path = str(run_config.get("config", "") or "")
-    cfg = load_config(_find_config(path) if path else None, shlex.split(str(run_config.get("overrides", "") or "")))
+    cfg = load_config(_find_config(path) if path else None, split_overrides(str(run_config.get("overrides", "") or "")))
     options = FlowerOptions(
         round_timeout_s=float(run_config.get("round-timeout", FlowerOptions.round_timeout_s)),
         node_wait_s=float(run_config.get("node-wait", FlowerOptions.node_wait_s)),

@@ -59,7 +59,7 @@ class ClientRuntime:
     trainer: ClientTrainer
     label_names: list[str]
     setup_s: float
-    partitions: list[EncodedData] | None = None
+    partitions: dict[int, EncodedData] = field(default_factory=dict)
     files: dict[str, EncodedData] = field(default_factory=dict)
     pristine: dict[str, torch.Tensor] | None = None  # base weights before any merged delta
     applied: int = 0  # base-delta entries merged into this process's base weights
@@ -71,15 +71,11 @@ class ClientRuntime:
             if path not in self.files:
                 self.files[path] = _load_file(self.cfg, str(path), self.host.tokenizer, self.label_names)
             return self.files[path]
-        if self.partitions is None:
-            from fedlora.experiment import prepare_data
-
-            data = prepare_data(self.cfg, self.host.tokenizer)
-            if list(data.label_names) != list(self.label_names):
-                raise ValueError(f"labels differ from the server's: {data.label_names} vs {self.label_names}")
-            self.partitions = data.clients
-        if not 0 <= client_id < len(self.partitions):
-            raise ValueError(f"partition-id {client_id} outside 0..{len(self.partitions) - 1}")
+        if client_id not in self.partitions:
+            data, names = partition_data(self.cfg, self.host.tokenizer, client_id)
+            if list(names) != list(self.label_names):
+                raise ValueError(f"labels differ from the server's: {names} vs {self.label_names}")
+            self.partitions[client_id] = data
         return self.partitions[client_id]
 
     def sync_base(self, entries: list[BaseEntry]) -> None:
@@ -116,6 +112,22 @@ def runtime_for(config_toml: str, label_names: list[str]) -> ClientRuntime:
         trainer = ClientTrainer(cfg, host, strategy)
         _RUNTIMES[key] = ClientRuntime(cfg, host, trainer, list(label_names), time.perf_counter() - t0)
     return _RUNTIMES[key]
+
+
+def partition_data(cfg: ExperimentConfig, tokenizer, client_id: int) -> tuple[EncodedData, list[str]]:
+    """This client's share of the configured dataset, as `experiment.prepare_data` splits and partitions it,
+    tokenizing only this share (a ClientApp process per round in deployment: the rest is wasted work)."""
+    from fedlora.data import load_text_dataset, partition_indices, stratified_split
+
+    d, fed = cfg.data, cfg.federation
+    if not 0 <= client_id < fed.num_clients:
+        raise ValueError(f"partition-id {client_id} outside 0..{fed.num_clients - 1}")
+    ds, _ = load_text_dataset(d.name, path=d.path, text_column=d.text_column, label_column=d.label_column)
+    train, _ = stratified_split(ds, d.test_fraction, seed=cfg.seed)
+    parts = partition_indices(train.labels, fed.num_clients, fed.partition, alpha=fed.alpha, seed=cfg.seed,
+                              label_fractions=fed.label_fractions)
+    idx = np.asarray(parts[client_id])
+    return encode(tokenizer, [train.texts[i] for i in idx], train.labels[idx], d.max_length), list(ds.label_names)
 
 
 def _load_file(cfg: ExperimentConfig, path: str, tokenizer, label_names: list[str]) -> EncodedData:

@@ -1,0 +1,73 @@
+"""`fedlora bench [SUITE] [--out DIR] [--quick]`: reproduce the papers' claims and measure speed.
+
+    from fedlora.bench import run_suite
+    report = run_suite("paper-ffa", Path("bench-out/paper-ffa"), quick=True)   # -> .../report.md
+
+Suites (one module each): `paper-ffa`, `paper-rbla`, `speed`. Sizes: `full` (the README numbers), `quick`
+(`--quick`, a CI smoke run of a few minutes) and `smoke` (tests only). The output folder gets report.md,
+plots/*.png, results.json (raw numbers and a run log saying which runs were trained, resumed or cached) and
+runs/<config hash>/ (one run folder per config and seed, reused on the next call).
+
+Suite modules are imported on demand, so importing this package stays light (the bench scripts import
+`fedlora.bench.aggregation` before numpy and must be able to pin BLAS threads first).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+
+SUITES: dict[str, str] = {
+    "paper-ffa": "fedlora.bench.paper_ffa",
+    "paper-rbla": "fedlora.bench.paper_rbla",
+    "speed": "fedlora.bench.speed",
+}
+SIZES = ("full", "quick", "smoke")
+
+
+def available_suites() -> list[str]:
+    return sorted(SUITES)
+
+
+def run_suite(suite: str, out: Path, quick: bool = False, size: str | None = None) -> Path:
+    """Run (or reuse) every run of `suite`, write `out/report.md`, `out/results.json`, `out/plots/`; return report.md.
+
+    `size` overrides `quick` ("full", "quick" or "smoke"); a bad suite or size raises ValueError.
+    """
+    from rich.console import Console
+
+    if suite not in SUITES:
+        raise ValueError(f"unknown bench suite {suite!r}; available: {', '.join(available_suites())}")
+    size = size or ("quick" if quick else "full")
+    if size not in SIZES:
+        raise ValueError(f"unknown bench size {size!r}; available: {', '.join(SIZES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True, soft_wrap=True)  # progress on stderr: stdout carries only the report path
+    console.print(f"[bold]fedlora bench {suite}[/bold] (size {size}) -> {out}")
+    t0 = time.perf_counter()
+    result = importlib.import_module(SUITES[suite]).run(out, size, console)
+    elapsed = time.perf_counter() - t0
+
+    report = out / "report.md"
+    report.write_text(result.markdown.rstrip() + f"\n\n_Written by `fedlora bench {suite}` (size {size}) in "
+                      f"{elapsed:.0f} s; raw numbers in results.json._\n")
+    payload = {"suite": suite, "size": size, "seconds": elapsed, "run_log": result.run_log, **result.results}
+    (out / "results.json").write_text(json.dumps(_jsonable(payload), indent=1, allow_nan=False) + "\n")
+    trained = sum(e["status"] != "cached" for e in result.run_log)
+    console.print(f"[bold]{suite}[/bold]: {len(result.run_log)} items, {trained} trained/measured now, "
+                  f"{len(result.run_log) - trained} cached; {elapsed:.0f} s -> {report}")
+    return report
+
+
+def _jsonable(obj):
+    """Tuples to lists, numpy scalars to Python; JSON has no inf/nan, so a non-finite float is an error (raised)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return obj.item()
+    return obj

@@ -142,3 +142,6 @@ def test_nodes_must_say_which_client_they_are():
         map_nodes(InProcessGrid(app, [{}, {}]), cfg, FlowerOptions(node_wait_s=0.0), {}, QUIET)
     mapping = map_nodes(InProcessGrid(app, _nodes(2)[::-1]), cfg, FlowerOptions(node_wait_s=0.0), {}, QUIET)
     assert mapping == {1: 100, 0: 101}
+    # A SuperNode restarted mid-run comes back under a new node id: only it is asked, and it takes over.
+    grid = InProcessGrid(app, _nodes(2) + [{"partition-id": 0, "num-partitions": 2}])
+    assert map_nodes(grid, cfg, FlowerOptions(node_wait_s=0.0), {0: 100, 1: 101}, QUIET) == {0: 102, 1: 101}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +110,7 @@ def map_nodes(grid: Grid, cfg: ExperimentConfig, options: FlowerOptions, known: 
     if len(mapping) < cfg.federation.min_clients:
         raise FlowerRunError(f"only {len(mapping)} of {n} clients' SuperNodes connected within "
                              f"{options.node_wait_s:.0f}s (federation.min_clients={cfg.federation.min_clients})")
-    if len(mapping) < n:
+    if len(mapping) < n and mapping != known:
         progress.note(f"clients without a SuperNode: {sorted(set(range(n)) - set(mapping))}")
     return mapping
 
@@ -219,6 +219,8 @@ class FlowerRounds:
         total_samples, total_train_s = 0, 0.0
         for _ in range(server.round, cfg.federation.rounds):
             t_round = time.perf_counter()
+            if rows:  # a SuperNode that (re)connected since: ask it which client it is, without waiting
+                self.nodes = map_nodes(self.grid, cfg, replace(self.options, node_wait_s=0.0), self.nodes, self.progress)
             sampled, traffic = self.train_round()
             try:
                 outcome = server.finish_round(traffic.updates, sampled)

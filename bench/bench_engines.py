@@ -24,7 +24,8 @@ SMALL = [
 
 
 def run_engine(engine: str, overrides: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "fedlora.cli", "run", f"engine={engine}", *SMALL, *overrides, "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "fedlora.cli", "run", f"engine={engine}", *SMALL, *overrides,
+           "--out", str(out), "--quiet"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

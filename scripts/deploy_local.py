@@ -107,9 +107,10 @@ class Deployment:
         return self.workdir / "logs" / f"{name}.log"
 
     def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        # Own session: a Ctrl-C in the terminal reaches this script only, which then stops them by pid.
         with self.log(name).open("w") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=self.workdir,
-                                    start_new_session=True)  # Ctrl-C reaches us only; we stop them ourselves
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                    cwd=self.workdir, start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -128,14 +129,16 @@ class Deployment:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.procs["superlink"].poll() is not None:
-                raise DeployError(f"SuperLink exited with code {self.procs['superlink'].returncode}; see {self.log('superlink')}")
+                code = self.procs["superlink"].returncode
+                raise DeployError(f"SuperLink exited with code {code}; see {self.log('superlink')}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
                     break
             except OSError:
                 time.sleep(0.5)
         else:
-            raise DeployError(f"SuperLink did not listen on {self.address} within {timeout:.0f}s; see {self.log('superlink')}")
+            raise DeployError(f"SuperLink did not listen on {self.address} within {timeout:.0f}s; "
+                              f"see {self.log('superlink')}")
         self.write_connection()
 
     def write_connection(self) -> None:
@@ -163,7 +166,8 @@ class Deployment:
             *extra,
         ], env)
 
-    def run(self, run_config: dict[str, str | int | float | bool], timeout: float = 1800.0) -> subprocess.CompletedProcess:
+    def run(self, run_config: dict[str, str | int | float | bool],
+            timeout: float = 1800.0) -> subprocess.CompletedProcess:
         """`flwr run <app> <connection> --stream`: returns when the run has finished; output in logs/flwr-run.log."""
         items = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         done = self._flwr("run", str(ROOT), CONNECTION, "--stream", "--run-config", items, timeout=timeout)
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=2, help="number of SuperNodes (= federation.num_clients)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "flower-demo.toml"), help="fedlora TOML")
     ap.add_argument("-o", "--override", action="append", default=[], help="fedlora key=value (repeatable)")
-    ap.add_argument("--workdir", default=None, help="certificates, keys, logs and the run folder (default: runs/deploy-<time>)")
+    ap.add_argument("--workdir", default=None,
+                    help="certificates, keys, logs and the run folder (default: runs/deploy-<time>)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run")
     args = ap.parse_args(argv)
 

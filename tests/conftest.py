@@ -2,4 +2,6 @@
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "deployment: starts a real SuperLink and SuperNodes on 127.0.0.1 (pytest -m deployment)")
+    config.addinivalue_line(
+        "markers", "deployment: starts a real SuperLink and SuperNodes on 127.0.0.1 (pytest -m deployment)"
+    )

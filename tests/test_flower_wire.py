@@ -74,7 +74,8 @@ def test_downlink_is_sent_in_the_clients_own_scale():
 def test_update_round_trip_and_bytes_follow_sends_A():
     cfg, rng = _cfg(), np.random.default_rng(2)
     update = Update(client_id=1, rank=4, factors=_factors(4, cfg, rng), head=HEAD, num_examples=17, train_loss=0.5,
-                    steps=3, samples=48, train_s=0.25, next_rank=None, privacy={"epsilon": 1.5, "accountant": {"h": [[1.0, 0.1, 3]]}})
+                    steps=3, samples=48, train_s=0.25, next_rank=None,
+                    privacy={"epsilon": 1.5, "accountant": {"h": [[1.0, 0.1, 3]]}})
     for sends_A, lora_bytes in ((False, (6 + 7) * 4 * 4), (True, (6 + 7 + 5 + 5) * 4 * 4)):
         up = decode_update(encode_update(update, sends_A, {"base-count": 2}), cfg, DIMS, sends_A)
         assert up.nbytes == lora_bytes + HEAD_BYTES and up.nbytes_head == HEAD_BYTES
@@ -120,11 +121,13 @@ def test_run_config_reads_fedlora_config_and_overrides(tmp_path):
     path = tmp_path / "exp.toml"
     path.write_text("[federation]\nnum_clients = 3\n")
     cfg, out, options = config_from_run_config(
-        {"config": str(path), "overrides": "federation.rounds=5 federation.ranks=[2, 4]  strategy.name=rbla", "out": "runs/x",
+        {"config": str(path), "overrides": "federation.rounds=5 federation.ranks=[2, 4]  strategy.name=rbla",
+         "out": "runs/x",
          "round-timeout": 30.0, "node-wait": 5.0, "federated-eval": True})
     assert (cfg.federation.num_clients, cfg.federation.rounds, cfg.strategy.name) == (3, 5, "rbla")
     assert cfg.federation.ranks == [2, 4]
-    assert out == "runs/x" and (options.round_timeout_s, options.node_wait_s, options.federated_eval) == (30.0, 5.0, True)
+    assert out == "runs/x"
+    assert (options.round_timeout_s, options.node_wait_s, options.federated_eval) == (30.0, 5.0, True)
     with pytest.raises(ValueError, match="not found"):
         config_from_run_config({"config": str(tmp_path / "missing.toml")})
     with pytest.raises(ValueError, match="unknown key"):

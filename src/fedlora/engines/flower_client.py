@@ -45,7 +45,8 @@ def config_from_toml(text: str) -> ExperimentConfig:
 def node_partition(node_config) -> tuple[int, int | None]:
     """(partition id, number of partitions) of this SuperNode; one clear line if it was started without them."""
     if PARTITION_KEY not in node_config:
-        raise ValueError(f"this SuperNode has no {PARTITION_KEY}: start it with --node-config 'partition-id=K num-partitions=N'")
+        raise ValueError(f"this SuperNode has no {PARTITION_KEY}: "
+                         "start it with --node-config 'partition-id=K num-partitions=N'")
     n = node_config.get(NUM_PARTITIONS_KEY)
     return int(node_config[PARTITION_KEY]), None if n is None else int(n)
 
@@ -91,7 +92,8 @@ class ClientRuntime:
                     layers[n].get_base_layer().weight.copy_(w)
             self.applied = 0
         for entry in entries[self.applied:]:
-            lora.merge_base_delta(self.host.model, {m: B.astype(np.float64) @ A.astype(np.float64) for m, (B, A) in entry.items()})
+            delta = {m: B.astype(np.float64) @ A.astype(np.float64) for m, (B, A) in entry.items()}
+            lora.merge_base_delta(self.host.model, delta)
         self.applied = len(entries)
 
 

@@ -220,7 +220,8 @@ class FlowerRounds:
         for _ in range(server.round, cfg.federation.rounds):
             t_round = time.perf_counter()
             if rows:  # a SuperNode that (re)connected since: ask it which client it is, without waiting
-                self.nodes = map_nodes(self.grid, cfg, replace(self.options, node_wait_s=0.0), self.nodes, self.progress)
+                now = replace(self.options, node_wait_s=0.0)
+                self.nodes = map_nodes(self.grid, cfg, now, self.nodes, self.progress)
             sampled, traffic = self.train_round()
             try:
                 outcome = server.finish_round(traffic.updates, sampled)

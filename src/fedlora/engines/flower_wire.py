@@ -51,7 +51,9 @@ def _factors_record(factors: dict[str, LoraFactors], with_A: bool) -> tuple[Arra
     return arrays, ConfigRecord({"modules": modules, "scales": scales})
 
 
-def _read_factors(arrays: ArrayRecord, meta: ConfigRecord, A_of: dict[str, np.ndarray] | None) -> dict[str, LoraFactors]:
+def _read_factors(
+    arrays: ArrayRecord, meta: ConfigRecord, A_of: dict[str, np.ndarray] | None
+) -> dict[str, LoraFactors]:
     """Factors back from a record; A from `A_of` (the seed) when the sender did not send it."""
     out = {}
     for m, scale in zip(list(meta.get("modules", [])), list(meta.get("scales", []))):

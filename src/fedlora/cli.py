@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("items", nargs="*", help="[CONFIG.toml] key=value ...")
     run.add_argument("--out", help="run folder (default: output.dir/<strategy>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved (TOML), exit")
 
     resume = sub.add_parser("resume", help="continue a run from its last checkpoint")
     resume.add_argument("run_dir")
@@ -57,18 +58,28 @@ def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_run(args) -> int:
     from fedlora.config import load_config
-    from fedlora.runner import run_experiment
 
     config_path, overrides = _split_items(args.items)
     cfg = load_config(config_path, overrides)
+    if args.dry_run:
+        print(cfg.to_toml(), end="")
+        return 0
+    from fedlora.runner import run_experiment  # torch and transformers: only when training
+
     run_experiment(cfg, out=args.out, quiet=args.quiet)
     return 0
 
 
 def cmd_resume(args) -> int:
+    run_dir = Path(args.run_dir)
+    # Checked here, before the model and data are loaded for nothing.
+    if not (run_dir / "config.toml").is_file():
+        raise ValueError(f"not a run folder (no config.toml): {run_dir}")
+    if not (run_dir / "checkpoint" / "state.npz").is_file():
+        raise ValueError(f"no checkpoint in {run_dir}: the run stopped before its first round ended; start it again")
     from fedlora.runner import resume_experiment
 
-    resume_experiment(Path(args.run_dir), quiet=args.quiet)
+    resume_experiment(run_dir, quiet=args.quiet)
     return 0
 
 
@@ -96,13 +107,16 @@ COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "bench":
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedlora.config import RoundFailed
+
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError, RoundFailed) as exc:
         if os.environ.get("FEDLORA_DEBUG"):
             raise
-        # ConfigError is a ValueError: every user-facing error is one line and exit code 2.
+        # ConfigError is a ValueError: every user-facing error is one line and exit code 2. RoundFailed (too
+        # few valid updates) exits 2 as well, as the Flower engine's FlowerRunError (a ValueError) does.
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"fedlora: error: {message}", file=sys.stderr)
         return EXIT_USAGE

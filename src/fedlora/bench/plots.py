@@ -72,8 +72,12 @@ def plot_loglog(
     """One subplot per panel, title 'x-axis name ...'; each method a line of (x, y) on log-log axes."""
     fig, axes = _panels(len(panels), width=5.0, height=3.8)
     for ax, (title, methods) in zip(axes, panels.items()):
+        ticks: set[float] = set()
         for method, (xs, ys) in methods.items():
             ax.loglog(xs, ys, marker="o", ms=3, label=method)
+            ticks.update(xs)
+        ax.set_xticks(sorted(ticks), [f"{x:g}" for x in sorted(ticks)])  # the measured points, not 2x10^0
+        ax.minorticks_off()
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(title.split(" ")[0])
         ax.set_ylabel(ylabel)
@@ -96,6 +100,7 @@ def plot_slot_norms(panels: Mapping[str, Mapping[str, np.ndarray]], path: Path, 
         for r in rank_marks.get(title, ()):
             ax.axvline(r + 0.5, color="grey", lw=0.6, ls=":")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rank slot j (1-based)")
         ax.set_ylabel("Σ_modules s·‖B[:, j]‖·‖A[j, :]‖")

@@ -1,0 +1,133 @@
+"""`fedlora bench`: every suite at its smoke size writes report.md (a table per section, finite numbers), the
+plots and results.json; a second call trains nothing (the run log says "cached"); a run folder that lost its
+summary is resumed from its checkpoint, not retrained."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlora.bench import available_suites, run_suite
+from fedlora.bench.paper_rbla import rank_bands, slot_norms
+from fedlora.checkpoint import save_checkpoint
+from fedlora.cli import main
+from fedlora.strategies import LoraFactors
+
+PNGS = {
+    "paper-ffa": ["accuracy_vs_rounds.png", "accuracy_vs_epsilon.png"],
+    "paper-rbla": ["rbla_accuracy_vs_rounds.png", "rbla_slot_norms.png"],
+    "speed": ["aggregation_time.png"],
+}
+TABLES = {"paper-ffa": 3, "paper-rbla": 2, "speed": 4}  # at least this many markdown tables
+
+
+def _tables(md: str) -> list[str]:
+    blocks, current = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            blocks.append("\n".join(current))
+            current = []
+    return blocks
+
+
+def _floats(obj):
+    if isinstance(obj, float):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _floats(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _floats(v)
+
+
+def _check_output(out: Path, suite: str) -> dict:
+    report = (out / "report.md").read_text()
+    tables = _tables(report)
+    assert len(tables) >= TABLES[suite], report
+    for table in tables:
+        assert not re.search(r"\b(nan|inf)\b", table, re.IGNORECASE), table
+        assert re.search(r"\d", table.split("\n", 2)[-1]), f"a table without numbers:\n{table}"
+    for png in PNGS[suite]:
+        path = out / "plots" / png
+        assert path.exists() and path.stat().st_size > 1000, path
+        assert f"]({path.relative_to(out)})" in report
+    results = json.loads((out / "results.json").read_text())  # strict JSON: no NaN/Infinity literals
+    values = list(_floats(results))
+    assert values and all(math.isfinite(v) for v in values)
+    return results
+
+
+@pytest.fixture(scope="module")
+def bench_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", sorted(PNGS))
+def test_suite_smoke_writes_report_then_reuses_cache(bench_root, suite):
+    out = bench_root / suite
+    assert run_suite(suite, out, size="smoke") == out / "report.md"
+    first = _check_output(out, suite)
+    assert first["run_log"] and all(e["status"] == "ran" for e in first["run_log"])
+
+    run_suite(suite, out, size="smoke")
+    second = _check_output(out, suite)
+    assert [e["status"] for e in second["run_log"]] == ["cached"] * len(first["run_log"])
+    assert [e.get("run_dir", e.get("path")) for e in second["run_log"]] == [e.get("run_dir", e.get("path")) for e in first["run_log"]]
+    if "runs" in first:
+        assert [r["final_accuracy"] for r in second["runs"]] == [r["final_accuracy"] for r in first["runs"]]
+
+
+@pytest.mark.slow
+def test_interrupted_run_is_resumed_not_retrained(bench_root):
+    out = bench_root / "paper-ffa"
+    if not (out / "results.json").exists():
+        run_suite("paper-ffa", out, size="smoke")
+    before = json.loads((out / "results.json").read_text())
+    victim = out / before["runs"][0]["run_dir"]
+    (victim / "summary.json").unlink()  # as if killed after the last checkpoint, before the summary
+
+    run_suite("paper-ffa", out, size="smoke")
+    after = json.loads((out / "results.json").read_text())
+    assert [e["status"] for e in after["run_log"]] == ["resumed"] + ["cached"] * (len(after["run_log"]) - 1)
+    assert after["runs"][0]["final_accuracy"] == before["runs"][0]["final_accuracy"]
+    assert after["runs"][0]["accuracy_curve"] == before["runs"][0]["accuracy_curve"]
+
+
+def test_slot_norms_read_the_widest_downlink(tmp_path):
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(4, 6)), rng.normal(size=(5, 4))
+    B[:, 3] = 0.0  # an empty slot
+    factors = {"m1": LoraFactors(A=A, B=B, scale=2.0), "m2": LoraFactors(A=A, B=2 * B, scale=2.0)}
+    narrow = {"m1": LoraFactors(A=A[:2], B=B[:, :2], scale=4.0), "m2": LoraFactors(A=A[:2], B=B[:, :2], scale=4.0)}
+    save_checkpoint(tmp_path / "run" / "checkpoint", {"server": {"downlinks": {2: narrow, 4: factors}}})
+    norms = slot_norms(tmp_path / "run", 4)
+    expected = 2.0 * 3.0 * np.linalg.norm(B, axis=0) * np.linalg.norm(A, axis=1)  # scale · (1 + 2) · ‖b_j‖‖a_j‖
+    np.testing.assert_allclose(norms, expected)
+    assert norms[3] == 0.0
+
+    save_checkpoint(tmp_path / "flora" / "checkpoint", {"server": {"downlinks": {}}})
+    assert slot_norms(tmp_path / "flora", 4) is None
+
+
+def test_rank_bands():
+    assert rank_bands((2, 4, 8, 16)) == [(1, 2), (3, 4), (5, 8), (9, 16)]
+    assert rank_bands((2, 2, 2, 16)) == [(1, 2), (3, 16)]
+    assert rank_bands((8, 8, 8)) == [(1, 8)]
+
+
+def test_unknown_suite_or_size_is_one_line_exit_2(tmp_path, capsys):
+    assert set(available_suites()) == {"paper-ffa", "paper-rbla", "speed"}
+    assert main(["bench", "no-such-suite", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown bench suite" in err and "paper-ffa" in err
+    with pytest.raises(ValueError, match="unknown bench size"):
+        run_suite("paper-ffa", tmp_path, size="huge")

@@ -7,6 +7,7 @@ engine, crashed and silent clients, too few replies, and nodes without a usable 
 from __future__ import annotations
 
 import pytest
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -71,6 +72,16 @@ class InProcessGrid(Grid):
 
 
 @pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread in this process (Ray's actors use one too): on a shared 2-core machine two threads
+    wait on each other at every op and run several times slower. Results do not depend on it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(autouse=True)
 def _task_identity():
     """Messages take the sender's identity from TaskIdentity, as inside a real ServerApp process."""
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
@@ -93,7 +104,7 @@ def test_flora_base_deltas_reach_clients_and_match_the_local_engine(tmp_path):
     cfg = load_config(None, TINY + ["federation.num_clients=2", "federation.ranks=[2, 4]", "strategy.name=flora"])
     LocalRun(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET).run()
     grid = InProcessGrid(make_client_app(), _nodes(2))
-    rows = _flower_run(cfg, tmp_path / "flower", grid)
+    rows = _flower_run(cfg, tmp_path / "flower", grid, FlowerOptions(node_wait_s=0.0, federated_eval=True))
     local = read_metrics(tmp_path / "local")
     for a, b in zip(local, rows):
         assert abs(a["eval_accuracy"] - b["eval_accuracy"]) <= 1e-3
@@ -103,6 +114,8 @@ def test_flora_base_deltas_reach_clients_and_match_the_local_engine(tmp_path):
     # Round 2's instructions carried round 1's merged delta; each node now holds that one entry.
     assert rows[1]["bytes_down"] > rows[0]["bytes_down"]
     assert all("fedlora.base" in ctx.state for ctx in grid.contexts.values())
+    # Federated evaluation: the global adapter on each client's own data (capped like the held-out set).
+    assert all(0.0 <= r["client_eval_accuracy"] <= 1.0 for r in rows)
 
 
 def test_crashed_and_silent_clients_are_dropped_and_named(tmp_path):

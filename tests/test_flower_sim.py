@@ -4,6 +4,7 @@ raises mid-round. Each test starts Ray in this process; every process it leaves 
 from __future__ import annotations
 
 import pytest
+import torch
 from flower_procs import TAG_VAR, ProcessTag
 
 from fedlora.config import load_config
@@ -21,6 +22,16 @@ TINY = [
     "federation.batch_size=16", "federation.partition=iid", "federation.ranks=[4, 8]", "strategy.name=ffa",
     "optim.lr=3e-2", "output.save_adapter=false", "output.progress=false",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread in this process (Ray's actors use one too): on a shared 2-core machine two threads
+    wait on each other at every op and run several times slower. Results do not depend on it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(autouse=True)

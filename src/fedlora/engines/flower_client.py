@@ -230,6 +230,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     rt.sync_base(store_base(context.state, decode_base_entries(msg.content)))
     down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, rt.trainer.strategy.sends_A)
     adapter = rt.trainer.load(down, client_id)
+    cap = rt.cfg.data.max_eval_examples
+    if cap is not None and len(data) > cap:  # the same budget as the central held-out set
+        keep = np.random.default_rng([rt.cfg.seed, client_id]).choice(len(data), cap, replace=False)
+        data = data.subset(np.sort(keep))
     loss, acc = evaluate(rt.host, adapter, data, rt.cfg.eval.batch_size)
     metrics = MetricRecord({"client-id": client_id, "eval-loss": loss, "eval-accuracy": acc, "num-examples": len(data)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -26,6 +26,8 @@ from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
 from fedlora.strategies import LoraFactors
 
+pytestmark = pytest.mark.slow  # the real model, in-process
+
 TINY = [
     "federation.local_steps=2", "federation.batch_size=8", "data.max_eval_examples=100", "data.max_length=32",
     "output.progress=false", "output.save_adapter=false", "federation.partition=iid",

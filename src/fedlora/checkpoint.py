@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ def pack(obj: Any, arrays: dict[str, np.ndarray], path: str = "") -> Any:
         return {"__factors__": [pack(obj.A, arrays), pack(obj.B, arrays), float(obj.scale)]}
     if isinstance(obj, dict):
         if any(not isinstance(k, str) for k in obj):
-            return {"__intkeys__": [[k, pack(v, arrays)] for k, v in obj.items()]}
+            # NumPy integer keys (client ids drawn by an RNG) as plain ints: JSON cannot hold np.int64.
+            return {"__intkeys__": [[k.item() if isinstance(k, np.generic) else k, pack(v, arrays)]
+                                    for k, v in obj.items()]}
         return {k: pack(v, arrays) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [pack(v, arrays) for v in obj]
@@ -85,5 +88,5 @@ def load_checkpoint(folder: Path) -> dict:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data[_META]).decode())
             return unpack(meta, data)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # damaged or truncated file
         raise ValueError(f"checkpoint {path} is unreadable: {exc}") from None

@@ -84,8 +84,8 @@ class LocalRun:
     @classmethod
     def resume(cls, cfg: ExperimentConfig, run_dir: Path, progress: RunProgress) -> "LocalRun":
         """Rebuild the run from its config, then restore the last checkpoint."""
+        state = load_checkpoint(Path(run_dir) / "checkpoint")  # first: a damaged file fails before the model loads
         run = cls(cfg, run_dir, progress)
-        state = load_checkpoint(Path(run_dir) / "checkpoint")
         run.server.load_state_dict(state["server"])
         run.client_privacy = {int(c): SamplePrivacy.from_state_dict(d) for c, d in state["client_privacy"].items()}
         with torch.no_grad():

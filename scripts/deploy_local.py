@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,7 +97,10 @@ class Deployment:
         self.flwr_home = self.workdir / "flwr-home"  # Flower config of this deployment only, not ~/.flwr
         self.certs = self.workdir / "certs"
         self.port = self.port or free_port()
-        self.env = {**self.env, "FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+        # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name: find this
+        # environment's first, also when it was not activated (`.venv/bin/python scripts/deploy_local.py`).
+        path = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
+        self.env = {**self.env, "PATH": path, "FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
 
     @property
@@ -106,7 +110,11 @@ class Deployment:
     def log(self, name: str) -> Path:
         return self.workdir / "logs" / f"{name}.log"
 
+    def _exe(self, name: str) -> str:
+        return shutil.which(name, path=self.env["PATH"]) or name
+
     def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        cmd = [self._exe(cmd[0]), *cmd[1:]]
         # Own session: a Ctrl-C in the terminal reaches this script only, which then stops them by pid.
         with self.log(name).open("w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
@@ -115,7 +123,7 @@ class Deployment:
         return proc
 
     def _flwr(self, *args: str, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], env=self.env, cwd=cwd or self.workdir, capture_output=True,
+        return subprocess.run([self._exe("flwr"), *args], env=self.env, cwd=cwd or self.workdir, capture_output=True,
                               text=True, timeout=timeout)
 
     def start_superlink(self, timeout: float = 60.0) -> None:

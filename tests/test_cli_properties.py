@@ -288,6 +288,14 @@ def test_missing_config_file_and_folders(tmp_path):
     assert "no checkpoint" in err
 
 
+def test_a_relative_data_path_is_resolved_for_resume_from_elsewhere(tmp_path, monkeypatch):
+    (tmp_path / "d.csv").write_text("text,label\na,0\n")
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli(["run", "--dry-run", "data.name=csv", "data.path=d.csv"])
+    assert rc == 0, err
+    assert tomllib.loads(out)["data"]["path"] == str((tmp_path / "d.csv").resolve())
+
+
 def test_non_utf8_config_is_one_line(tmp_path):
     path = tmp_path / "latin1.toml"
     path.write_bytes('[model]\nname = "café"\n'.encode("latin-1"))

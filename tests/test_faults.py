@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.checkpoint import load_checkpoint
+from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.cli import main
 from fedlora.client import ClientTrainer, Update
 from fedlora.config import RoundFailed, load_config
@@ -84,13 +84,14 @@ def test_dropout_below_min_clients_stops_with_one_line_naming_the_dropped(tmp_pa
     run = local_run(tmp_path, "federation.num_clients=3", "federation.rounds=2", "federation.min_clients=3",
                     "federation.dropout=0.5")
     run.server.draw_dropouts = lambda sampled: {1}  # deterministic: client 1 fails in round 1
+    save_checkpoint(tmp_path / "checkpoint", {"server": {"round": 5}})  # left by another run in this folder
     with pytest.raises(RoundFailed) as err:
         run.run()
     msg = str(err.value)
     assert "\n" not in msg and "only 2 valid updates" in msg and "min_clients=3" in msg
     assert "client 1: dropped out" in msg
     assert read_metrics(tmp_path) == []  # nothing half-written
-    assert not (tmp_path / "checkpoint").exists()
+    assert not (tmp_path / "checkpoint" / "state.npz").exists()  # and no stale state to resume into this run
 
 
 # -- bad updates ---------------------------------------------------------------------------------------------

@@ -57,6 +57,14 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     max_eval_examples: int | None = Field(None, ge=1)  # cap the held-out set (tests, quick benches)
 
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v, info):
+        # The run folder's config.toml must still find the file when `fedlora resume` runs from elsewhere.
+        if v and info.data.get("name") in ("csv", "jsonl") and Path(v).expanduser().is_file():
+            return str(Path(v).expanduser().resolve())
+        return v
+
     @model_validator(mode="after")
     def _path_for_files(self):
         if self.name in ("csv", "jsonl"):

@@ -15,7 +15,7 @@ from fedlora import lora
 from fedlora.client import ClientTrainer, Update, evaluate
 from fedlora.config import ExperimentConfig
 from fedlora.experiment import FederatedData, export_adapter, prepare_data
-from fedlora.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fedlora.metrics import MetricsWriter, read_metrics, write_summary
 from fedlora.models import ModelHost, adapter_name, load_tokenizer
 from fedlora.progress import RunProgress
@@ -138,6 +138,9 @@ class LocalRun:
         cfg, server = self.cfg, self.server
         writer = MetricsWriter(self.run_dir, truncate_after_round=server.round)
         if self.before is None:
+            # A fresh run in a folder that held another run: a kill before round 1 ends must not leave that
+            # run's checkpoint for `fedlora resume` to mix into this one.
+            (self.run_dir / "checkpoint" / CHECKPOINT_FILE).unlink(missing_ok=True)
             self.before = self.evaluate_global()
             self.progress.note(f"held-out accuracy before training: {self.before[1]:.4f} ({len(self.data.test)} examples)")
         loss0, acc0 = self.before

@@ -77,13 +77,13 @@ class DataConfig(_Section):
 
 
 class FederationConfig(_Section):
-    num_clients: int = Field(8, ge=1, le=10_000)
+    num_clients: int = Field(5, ge=1, le=10_000)
     rounds: int = Field(6, ge=1)
     clients_per_round: int | None = Field(None, ge=1)  # None: every client, every round
-    local_steps: int = Field(12, ge=1)
-    batch_size: int = Field(32, ge=1)
+    local_steps: int = Field(25, ge=1)
+    batch_size: int = Field(16, ge=1)
     partition: Literal["iid", "dirichlet", "label-skew", "fractions"] = "dirichlet"
-    alpha: float = Field(0.5, gt=0.0)  # Dirichlet concentration
+    alpha: float = Field(5.0, gt=0.0)  # Dirichlet concentration (per class over clients; 2 labels: 5 gives mixed but skewed clients)
     label_fractions: list[list[float]] | None = None  # partition=fractions: per-client label proportions
     ranks: list[int] | None = None  # per-client LoRA ranks, cycled over clients; None: lora.rank for all
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of sampled clients that fail each round (testing)
@@ -96,8 +96,8 @@ class FederationConfig(_Section):
         if v is not None:
             if not v:
                 raise ValueError("must not be empty")
-            if any(r < 1 for r in v):
-                raise ValueError(f"every rank must be >= 1, got {v}")
+            if any(r < 1 or r > 1024 for r in v):  # the bounds of lora.rank
+                raise ValueError(f"every rank must be in 1..1024, got {v}")
         return v
 
     @field_validator("label_fractions")
@@ -175,7 +175,7 @@ class StrategyConfig(_Section):
 
 class OptimConfig(_Section):
     name: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(2e-3, gt=0.0)
+    lr: float = Field(6e-3, gt=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
 
@@ -256,10 +256,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.split("."), value
+        doc = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError as exc:
+        # Bare words are strings (strategy.name=rbla); a quoted string, list or table that does not parse is
+        # a typo, not a string with its quotes and brackets in it.
+        if raw.strip()[:1] in ("'", '"', "[", "{"):
+            raise ConfigError(f"override {key}: {raw.strip()!r} is not a valid TOML value ({exc})") from None
+        return key.split("."), raw
+    if set(doc) != {"v"}:  # `a=1\nb=2`: one override is one value
+        raise ConfigError(f"override {key}: {raw!r} is more than one value")
+    return key.split("."), doc["v"]
 
 
 def _set_dotted(tree: dict, path: list[str], value: Any) -> None:

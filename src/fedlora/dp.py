@@ -174,3 +174,24 @@ def max_epsilon(reports: dict[int, dict]) -> tuple[int, dict] | None:
         return None
     cid = max(reports, key=lambda c: (reports[c]["epsilon"] if math.isfinite(reports[c]["epsilon"]) else math.inf))
     return cid, reports[cid]
+
+
+def privacy_metrics(cfg: ExperimentConfig, reports: dict[int, dict]) -> dict:
+    """The DP columns of a metrics row: epsilon is the max over clients, with that client's sigma, q, steps."""
+    if cfg.privacy.mode == "none":
+        return {}
+    top = max_epsilon(reports)
+    if top is None:
+        return {"epsilon": 0.0, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant, "privacy": cfg.privacy.mode}
+    cid, rep = top
+    return {
+        "epsilon": rep["epsilon"],
+        "delta": cfg.privacy.delta,
+        "noise_multiplier": rep["noise_multiplier"],
+        "sample_rate": rep["sample_rate"],
+        "dp_steps": rep["dp_steps"],
+        "dp_steps_max": max(r["dp_steps"] for r in reports.values()),
+        "epsilon_client": cid,
+        "accountant": cfg.privacy.accountant,
+        "privacy": cfg.privacy.mode,
+    }

@@ -108,3 +108,80 @@ def export_adapter(
         json.dumps({"model": cfg.model.name, "num_labels": len(label_names), "label_names": label_names,
                     "rank": rank, "strategy": cfg.strategy.name}, indent=2)
     )
+
+
+def metrics_row(
+    cfg: ExperimentConfig,
+    server,
+    outcome,
+    updates: list,
+    sampled: list[int],
+    dropped: dict[int, str],
+    evaluation: tuple[float, float],
+    wall_s: float,
+    traffic: tuple[int, int, int] | None = None,
+) -> dict:
+    """One metrics.jsonl row, the same keys on every engine.
+
+    `traffic` = (bytes_up, bytes_up_head, bytes_down) measured on the wire by an engine that has one (Flower);
+    otherwise the server's count of the tensors sent is used.
+    """
+    from fedlora.dp import privacy_metrics
+
+    bytes_up, bytes_up_head, bytes_down = traffic or (outcome.bytes_up, outcome.bytes_up_head, outcome.bytes_down)
+    samples = sum(u.samples for u in updates)
+    train_s = sum(u.train_s for u in updates)
+    row = {
+        "round": server.round,
+        "strategy": cfg.strategy.name,
+        "clients": outcome.trained,
+        "sampled": sampled,
+        "dropped": sorted(dropped),
+        "dropped_reasons": {str(k): v for k, v in sorted(dropped.items())},
+        "rejected": {str(k): v for k, v in outcome.rejected.items()},
+        "ranks": {str(u.client_id): u.rank for u in updates},
+        "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else None,
+        "eval_loss": evaluation[0],
+        "eval_accuracy": evaluation[1],
+        "bytes_up": bytes_up,
+        "bytes_up_head": bytes_up_head,
+        "bytes_down": bytes_down,
+        "samples": samples,
+        "train_s": train_s,
+        "samples_per_s": samples / train_s if train_s > 0 else None,
+        "wall_s": wall_s,
+    }
+    row.update(privacy_metrics(cfg, server.privacy))
+    return row
+
+
+def run_summary(cfg: ExperimentConfig, server, rows: list[dict], before: tuple[float, float], data: FederatedData,
+                **extra) -> dict:
+    """summary.json of a finished run, from its metrics rows (so a resumed run summarises every round)."""
+    loss0, acc0 = before
+    samples = sum(r.get("samples", 0) for r in rows)
+    train_s = sum(r.get("train_s", 0.0) for r in rows)
+    summary = {
+        "strategy": cfg.strategy.name,
+        "engine": cfg.engine,
+        "rounds": server.round,
+        "accuracy_before": acc0,
+        "eval_loss_before": loss0,
+        "final_accuracy": rows[-1]["eval_accuracy"] if rows else acc0,
+        "final_eval_loss": rows[-1]["eval_loss"] if rows else loss0,
+        "best_accuracy": max([r["eval_accuracy"] for r in rows] + [acc0]),
+        "bytes_up_total": sum(r["bytes_up"] for r in rows),
+        "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        "train_samples_per_s": samples / train_s if train_s > 0 else None,
+        "wall_s": sum(r["wall_s"] for r in rows),
+        "num_clients": cfg.federation.num_clients,
+        "client_ranks": cfg.client_ranks(),
+        "test_examples": len(data.test),
+        "partition": data.partition_stats,
+        "dropped_total": sum(len(r.get("dropped", [])) for r in rows),
+        **extra,
+    }
+    if rows and cfg.privacy.mode != "none":
+        summary["final_epsilon"] = rows[-1].get("epsilon")
+        summary["delta"] = cfg.privacy.delta
+    return summary

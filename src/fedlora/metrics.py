@@ -36,7 +36,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # a kill in the middle of the last write: that round was never checkpointed
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return rows
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

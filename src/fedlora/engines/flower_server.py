@@ -24,8 +24,8 @@ from fedlora.client import Update, evaluate
 from fedlora.config import ExperimentConfig
 from fedlora.engines.flower_client import NUM_PARTITIONS_KEY, PARTITION_KEY
 from fedlora.engines.flower_wire import BaseEntry, decode_update, encode_downlink
-from fedlora.engines.local import build_strategy, privacy_metrics
-from fedlora.experiment import FederatedData, dense_to_factors, export_adapter, prepare_data
+from fedlora.engines.local import build_strategy
+from fedlora.experiment import FederatedData, dense_to_factors, export_adapter, metrics_row, prepare_data, run_summary
 from fedlora.metrics import MetricsWriter, write_summary
 from fedlora.models import ModelHost, adapter_name, load_tokenizer
 from fedlora.progress import RunProgress
@@ -212,11 +212,9 @@ class FlowerRounds:
         cfg, side, server = self.cfg, self.side, self.side.server
         self.nodes = map_nodes(self.grid, cfg, self.options, self.nodes, self.progress)
         writer = MetricsWriter(self.run_dir)
-        t0 = time.perf_counter()
         loss0, acc0 = side.evaluate_global()
         self.progress.note(f"held-out accuracy before training: {acc0:.4f} ({len(side.data.test)} examples)")
         rows: list[dict] = []
-        total_samples, total_train_s = 0, 0.0
         for _ in range(server.round, cfg.federation.rounds):
             t_round = time.perf_counter()
             if rows:  # a SuperNode that (re)connected since: ask it which client it is, without waiting
@@ -231,65 +229,24 @@ class FlowerRounds:
             if outcome.base_delta:
                 side.merge(outcome.base_delta)
             eval_loss, eval_acc = side.evaluate_global()
-            updates = traffic.updates
-            samples = sum(u.samples for u in updates)
-            train_s = sum(u.train_s for u in updates)
-            total_samples += samples
-            total_train_s += train_s
-            row = {
-                "round": server.round,
-                "strategy": cfg.strategy.name,
-                "clients": outcome.trained,
-                "sampled": sampled,
-                "dropped": sorted(traffic.dropped),
-                "dropped_reasons": {str(k): v for k, v in sorted(traffic.dropped.items())},
-                "rejected": {str(k): v for k, v in outcome.rejected.items()},
-                "ranks": {str(u.client_id): u.rank for u in updates},
-                "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else None,
-                "eval_loss": eval_loss,
-                "eval_accuracy": eval_acc,
-                "bytes_up": traffic.bytes_up,
-                "bytes_up_head": traffic.bytes_up_head,
-                "bytes_down": traffic.bytes_down,
-                "samples_per_s": samples / train_s if train_s > 0 else None,
-                "client_setup_s": traffic.setup_s,
-                "wall_s": time.perf_counter() - t_round,
-            }
-            row.update(privacy_metrics(cfg, server.privacy))
+            row = metrics_row(
+                cfg, server, outcome, traffic.updates, sampled, traffic.dropped, (eval_loss, eval_acc),
+                time.perf_counter() - t_round, traffic=(traffic.bytes_up, traffic.bytes_up_head, traffic.bytes_down),
+            )
+            row["client_setup_s"] = traffic.setup_s
             if self.options.federated_eval:
                 row["client_eval_accuracy"] = self.federated_eval()
             writer.write(row)
             rows.append(row)
             self.progress.end_round(row)
-        return self._finish(rows, acc0, loss0, t0, total_samples, total_train_s)
+        return self._finish(rows, (loss0, acc0))
 
-    def _finish(self, rows, acc0, loss0, t0, total_samples, total_train_s) -> dict:
+    def _finish(self, rows: list[dict], before: tuple[float, float]) -> dict:
         cfg, side, server = self.cfg, self.side, self.side.server
         rank, factors = server.global_eval_factors()
         if cfg.output.save_adapter:
             export_adapter(cfg, self.run_dir / "adapter", rank, factors, server.head, server.base_delta,
                            side.data.label_names)
-        summary = {
-            "strategy": cfg.strategy.name,
-            "engine": "flower",
-            "rounds": server.round,
-            "accuracy_before": acc0,
-            "eval_loss_before": loss0,
-            "final_accuracy": rows[-1]["eval_accuracy"] if rows else acc0,
-            "final_eval_loss": rows[-1]["eval_loss"] if rows else loss0,
-            "best_accuracy": max([r["eval_accuracy"] for r in rows] + [acc0]),
-            "bytes_up_total": sum(r["bytes_up"] for r in rows),
-            "bytes_down_total": sum(r["bytes_down"] for r in rows),
-            "train_samples_per_s": total_samples / total_train_s if total_train_s > 0 else None,
-            "wall_s": time.perf_counter() - t0,
-            "num_clients": cfg.federation.num_clients,
-            "client_ranks": cfg.client_ranks(),
-            "test_examples": len(side.data.test),
-            "partition": side.data.partition_stats,
-            "dropped_total": sum(len(r["dropped"]) for r in rows),
-        }
-        if rows and cfg.privacy.mode != "none":
-            summary["final_epsilon"] = rows[-1].get("epsilon")
-            summary["delta"] = cfg.privacy.delta
+        summary = run_summary(cfg, server, rows, before, side.data)
         write_summary(self.run_dir, summary)
         return summary

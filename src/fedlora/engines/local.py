@@ -8,18 +8,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedlora import lora
 from fedlora.client import ClientTrainer, Update, evaluate
 from fedlora.config import ExperimentConfig
-from fedlora.experiment import FederatedData, export_adapter, prepare_data
+from fedlora.experiment import FederatedData, export_adapter, metrics_row, prepare_data, run_summary
 from fedlora.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fedlora.metrics import MetricsWriter, read_metrics, write_summary
 from fedlora.models import ModelHost, adapter_name, load_tokenizer
 from fedlora.progress import RunProgress
-from fedlora.dp import SamplePrivacy, max_epsilon
+from fedlora.dp import SamplePrivacy
 from fedlora.server import RoundFailed, Server
 from fedlora.strategies import get_strategy
 
@@ -34,27 +33,6 @@ def build_strategy(cfg: ExperimentConfig, dims: dict[str, tuple[int, int]]):
     return get_strategy(cfg.strategy.name, **options)
 
 
-def privacy_metrics(cfg: ExperimentConfig, reports: dict[int, dict]) -> dict:
-    """The DP columns of a metrics row: epsilon is the max over clients, with that client's sigma, q, steps."""
-    if cfg.privacy.mode == "none":
-        return {}
-    top = max_epsilon(reports)
-    if top is None:
-        return {"epsilon": 0.0, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant, "privacy": cfg.privacy.mode}
-    cid, rep = top
-    return {
-        "epsilon": rep["epsilon"],
-        "delta": cfg.privacy.delta,
-        "noise_multiplier": rep["noise_multiplier"],
-        "sample_rate": rep["sample_rate"],
-        "dp_steps": rep["dp_steps"],
-        "dp_steps_max": max(r["dp_steps"] for r in reports.values()),
-        "epsilon_client": cid,
-        "accountant": cfg.privacy.accountant,
-        "privacy": cfg.privacy.mode,
-    }
-
-
 class LocalRun:
     """One experiment in this process. `run()` executes every remaining round and writes the run folder."""
 
@@ -63,7 +41,6 @@ class LocalRun:
         self.run_dir = Path(run_dir)
         self.progress = progress
         torch.manual_seed(cfg.seed)
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         tokenizer = load_tokenizer(cfg.model.name)
         self.data: FederatedData = prepare_data(cfg, tokenizer)
         progress.note(self.data.load_summary)
@@ -71,7 +48,6 @@ class LocalRun:
         self.strategy = build_strategy(cfg, lora.module_dims(self.host.model))
         self.trainer = ClientTrainer(cfg, self.host, self.strategy)
         self.before: tuple[float, float] | None = None  # (loss, accuracy) of the global model before round 1
-        self.totals = [0, 0.0]  # samples trained, seconds spent training (for samples/s)
         r_max = max(cfg.client_ranks())
         self.client_privacy: dict[int, SamplePrivacy] = {}
         if cfg.privacy.mode == "sample":
@@ -93,7 +69,6 @@ class LocalRun:
             for name, w in state["base_weights"].items():
                 layers[name].get_base_layer().weight.copy_(torch.from_numpy(w))
         run.before = tuple(state["before"])
-        run.totals = list(state["totals"])
         progress.note(f"resumed {run_dir} after round {run.server.round}")
         return run
 
@@ -105,7 +80,6 @@ class LocalRun:
             # The exact float32 base weights that absorbed merges (FLoRA, FedEx), not a re-summed delta.
             "base_weights": {n: layers[n].get_base_layer().weight.detach().numpy().copy() for n in self.server.base_delta},
             "before": list(self.before),
-            "totals": list(self.totals),
         })
 
     def evaluate_global(self) -> tuple[float, float]:
@@ -155,28 +129,8 @@ class LocalRun:
             if outcome.base_delta:
                 lora.merge_base_delta(self.host.model, outcome.base_delta)
             eval_loss, eval_acc = self.evaluate_global()
-            samples = sum(u.samples for u in updates)
-            train_s = sum(u.train_s for u in updates)
-            self.totals[0] += samples
-            self.totals[1] += train_s
-            row = {
-                "round": server.round,
-                "strategy": cfg.strategy.name,
-                "clients": outcome.trained,
-                "sampled": sampled,
-                "dropped": sorted(skipped),
-                "rejected": {str(k): v for k, v in outcome.rejected.items()},
-                "ranks": {str(u.client_id): u.rank for u in updates},
-                "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else None,
-                "eval_loss": eval_loss,
-                "eval_accuracy": eval_acc,
-                "bytes_up": outcome.bytes_up,
-                "bytes_up_head": outcome.bytes_up_head,
-                "bytes_down": outcome.bytes_down,
-                "samples_per_s": samples / train_s if train_s > 0 else None,
-                "wall_s": time.perf_counter() - t_round,
-            }
-            row.update(privacy_metrics(cfg, server.privacy))
+            row = metrics_row(cfg, server, outcome, updates, sampled, skipped, (eval_loss, eval_acc),
+                              time.perf_counter() - t_round)
             writer.write(row)
             self.save_checkpoint()
             self.progress.end_round(row)
@@ -186,25 +140,6 @@ class LocalRun:
         if cfg.output.save_adapter:
             export_adapter(cfg, self.run_dir / "adapter", rank, factors, server.head, server.base_delta,
                            self.data.label_names)
-        summary = {
-            "strategy": cfg.strategy.name,
-            "rounds": server.round,
-            "accuracy_before": acc0,
-            "eval_loss_before": loss0,
-            "final_accuracy": rows[-1]["eval_accuracy"] if rows else acc0,
-            "final_eval_loss": rows[-1]["eval_loss"] if rows else loss0,
-            "best_accuracy": max([r["eval_accuracy"] for r in rows] + [acc0]),
-            "bytes_up_total": sum(r["bytes_up"] for r in rows),
-            "bytes_down_total": sum(r["bytes_down"] for r in rows),
-            "train_samples_per_s": self.totals[0] / self.totals[1] if self.totals[1] > 0 else None,
-            "wall_s": sum(r["wall_s"] for r in rows),
-            "num_clients": cfg.federation.num_clients,
-            "client_ranks": cfg.client_ranks(),
-            "test_examples": len(self.data.test),
-            "partition": self.data.partition_stats,
-        }
-        if rows and cfg.privacy.mode != "none":
-            summary["final_epsilon"] = rows[-1].get("epsilon")
-            summary["delta"] = cfg.privacy.delta
+        summary = run_summary(cfg, server, rows, self.before, self.data)
         write_summary(self.run_dir, summary)
         return summary

@@ -185,3 +185,15 @@ def run_summary(cfg: ExperimentConfig, server, rows: list[dict], before: tuple[f
         summary["final_epsilon"] = rows[-1].get("epsilon")
         summary["delta"] = cfg.privacy.delta
     return summary
+
+
+def evaluate_global(cfg: ExperimentConfig, host, server, test: EncodedData) -> tuple[float, float]:
+    """(loss, accuracy) of the server's global model on the held-out set, on the adapter of its rank."""
+    from fedlora.client import evaluate
+
+    rank, factors = server.global_eval_factors()
+    adapter = host.ensure_rank(rank)
+    lora.set_factors(host.model, adapter, lora.with_scale(factors, cfg.lora.scale(rank)))
+    if server.head:
+        lora.set_head(host.model, adapter, server.head)
+    return evaluate(host, adapter, test, cfg.eval.batch_size)

@@ -20,12 +20,12 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora import lora
-from fedlora.client import Update, evaluate
+from fedlora.client import Update
 from fedlora.config import ExperimentConfig
 from fedlora.engines.flower_client import NUM_PARTITIONS_KEY, PARTITION_KEY
 from fedlora.engines.flower_wire import BaseEntry, decode_update, encode_downlink
 from fedlora.engines.local import build_strategy
-from fedlora.experiment import FederatedData, dense_to_factors, export_adapter, metrics_row, prepare_data, run_summary
+from fedlora.experiment import FederatedData, evaluate_global, dense_to_factors, export_adapter, metrics_row, prepare_data, run_summary
 from fedlora.metrics import MetricsWriter, write_summary
 from fedlora.models import ModelHost, adapter_name, load_tokenizer
 from fedlora.progress import RunProgress
@@ -66,12 +66,7 @@ class ServerSide:
         self.base_log: list[BaseEntry] = []  # every merged delta, factored: what late clients still need
 
     def evaluate_global(self) -> tuple[float, float]:
-        rank, factors = self.server.global_eval_factors()
-        adapter = self.host.ensure_rank(rank)
-        lora.set_factors(self.host.model, adapter, lora.with_scale(factors, self.cfg.lora.scale(rank)))
-        if self.server.head:
-            lora.set_head(self.host.model, adapter, self.server.head)
-        return evaluate(self.host, adapter, self.data.test, self.cfg.eval.batch_size)
+        return evaluate_global(self.cfg, self.host, self.server, self.data.test)
 
     def merge(self, base_delta: dict[str, np.ndarray]) -> None:
         lora.merge_base_delta(self.host.model, base_delta)

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from fedlora import lora
-from fedlora.client import ClientTrainer, Update, evaluate
+from fedlora.client import ClientTrainer, Update
 from fedlora.config import ExperimentConfig
-from fedlora.experiment import FederatedData, export_adapter, metrics_row, prepare_data, run_summary
+from fedlora.experiment import FederatedData, evaluate_global, export_adapter, metrics_row, prepare_data, run_summary
 from fedlora.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fedlora.metrics import MetricsWriter, read_metrics, write_summary
 from fedlora.models import ModelHost, adapter_name, load_tokenizer
@@ -83,12 +83,7 @@ class LocalRun:
         })
 
     def evaluate_global(self) -> tuple[float, float]:
-        rank, factors = self.server.global_eval_factors()
-        adapter = self.host.ensure_rank(rank)
-        lora.set_factors(self.host.model, adapter, lora.with_scale(factors, self.cfg.lora.scale(rank)))
-        if self.server.head:
-            lora.set_head(self.host.model, adapter, self.server.head)
-        return evaluate(self.host, adapter, self.data.test, self.cfg.eval.batch_size)
+        return evaluate_global(self.cfg, self.host, self.server, self.data.test)
 
     def train_round(self) -> tuple[list[Update], list[int], dict[int, str]]:
         server = self.server

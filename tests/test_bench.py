@@ -71,6 +71,7 @@ def bench_root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Full backward hook")  # Opacus on frozen embeddings (speed's DP step)
 @pytest.mark.parametrize("suite", sorted(PNGS))
 def test_suite_smoke_writes_report_then_reuses_cache(bench_root, suite):
     out = bench_root / suite

@@ -39,14 +39,17 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    # 2 methods x 4 privacy levels x 3 seeds = 24 runs of 3 clients x 40 local steps.
-    "full": Size(seeds=(0, 1, 2), rounds=4, local_steps=10, max_eval=500, max_length=64,
+    # 2 methods x 4 privacy levels x 3 seeds = 24 runs of 3 clients x 80 local steps of 16 examples. Measured on
+    # an idle 2-core CPU: ~8 s per round (3 clients' training + evaluating 500 examples), DP rounds about the
+    # same, plus ~10 s to load model and data per run.
+    "full": Size(seeds=(0, 1, 2), rounds=8, local_steps=10, batch_size=16, max_eval=500, max_length=64,
                  epsilons=(1.0, 3.0, 6.0, None),
-                 estimate="about 45-55 min on an idle 2-core CPU (~1.5 min per non-DP run, ~2.3 min per DP run)"),
-    "quick": Size(seeds=(0,), rounds=2, local_steps=2, max_eval=200, max_length=32, epsilons=(1.0, None),
-                  estimate="about 1-2 min on an idle 2-core CPU"),
-    "smoke": Size(seeds=(0,), rounds=1, local_steps=1, max_eval=64, max_length=32, epsilons=(1.0, None),
-                  batch_size=16, estimate="under a minute (tests only)"),
+                 estimate="about 30-40 min on an idle 2-core CPU (~75-90 s per run); several times longer when "
+                          "other jobs compete for the cores"),
+    "quick": Size(seeds=(0,), rounds=2, local_steps=2, batch_size=16, max_eval=200, max_length=32,
+                  epsilons=(1.0, None), estimate="about 1-2 min on an idle 2-core CPU"),
+    "smoke": Size(seeds=(0,), rounds=1, local_steps=1, batch_size=16, max_eval=64, max_length=32,
+                  epsilons=(1.0, None), estimate="under a minute (tests only)"),
 }
 
 

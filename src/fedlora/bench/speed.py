@@ -48,7 +48,7 @@ SIZES: dict[str, Size] = {
         estimate="about 5-8 min on an idle 2-core CPU",
     ),
     "quick": Size(
-        throughput={"steps": 6, "batch_size": 32, "max_length": 64, "repeats": 1, "modes": ["fedit", "ffa"]},
+        throughput={"steps": 6, "batch_size": 32, "max_length": 64, "repeats": 2, "modes": ["fedit", "ffa"]},
         dp_step={"steps": 4, "warmup": 1, "batch_size": 32, "max_length": 64, "modes": ["ffa", "fedit"]},
         svd={"d": 1024, "clients": 20, "rank": 16, "repeats": 3},
         aggregation={"clients": [5, 20], "ranks": [4, 16], "repeats": 1},

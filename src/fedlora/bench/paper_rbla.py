@@ -125,8 +125,8 @@ def _variant_section(out: Path, variant: str, ranks: tuple[int, ...], records: l
         "",
         md_table(["method", "final accuracy", "best accuracy", "up per round", "down per round"], acc_rows),
         "",
-        f"Mean slot norm of the final global adapter per band of rank slots (slots above a client's rank are "
-        f"trained only by the clients of higher rank); last column: widest band / first band.",
+        "Mean slot norm of the final global adapter per band of rank slots (slots above a client's rank are "
+        "trained only by the clients of higher rank); last column: widest band / first band.",
         "",
         md_table(["method", *(f"slots {lo}–{hi}" for lo, hi in bands), "tail / head"], slot_rows),
         "",

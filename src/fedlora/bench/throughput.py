@@ -105,5 +105,4 @@ def measure_client_throughput(
             "bare_peft_samples_per_s": bare_sps,
             "ratio": ours / bare_sps,
         })
-        del host, trainer, bare
     return rows

@@ -103,6 +103,22 @@ def test_interrupted_run_is_resumed_not_retrained(bench_root):
     assert after["runs"][0]["accuracy_curve"] == before["runs"][0]["accuracy_curve"]
 
 
+@pytest.mark.slow
+def test_parallel_jobs_train_every_run_once_and_report_like_a_serial_bench(tmp_path):
+    out = tmp_path / "paper-rbla"
+    run_suite("paper-rbla", out, size="smoke", jobs=2)
+    first = _check_output(out, "paper-rbla")
+    assert len(first["run_log"]) == 2 and all(e["status"] == "ran" for e in first["run_log"])
+    assert len({e["run_dir"] for e in first["run_log"]}) == 2
+    for e in first["run_log"]:
+        assert json.loads((out / e["run_dir"] / "bench.json").read_text())["seconds"] > 0
+    run_suite("paper-rbla", out, size="smoke", jobs=2)  # nothing left to train: all cached
+    second = json.loads((out / "results.json").read_text())
+    assert [e["status"] for e in second["run_log"]] == ["cached", "cached"]
+    with pytest.raises(ValueError, match="jobs"):
+        run_suite("paper-rbla", out, size="smoke", jobs=0)
+
+
 def test_slot_norms_read_the_widest_downlink(tmp_path):
     rng = np.random.default_rng(0)
     A, B = rng.normal(size=(4, 6)), rng.normal(size=(5, 4))

@@ -35,6 +35,24 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(path) == cfg
 
 
+def test_dp_sgd_trains_with_its_own_recipe_only_under_sample_level_dp():
+    plain = load_config(None, ["federation.batch_size=16", "federation.local_steps=25", "optim.lr=0.01"])
+    assert (plain.local_batch_size(), plain.local_steps(), plain.local_optim()) == (16, 25, plain.optim)
+    client = load_config(None, ["privacy.mode=client", "privacy.epsilon=3"])
+    assert (client.local_batch_size(), client.local_steps(), client.local_optim()) == (16, 25, client.optim)
+    sample = load_config(None, ["privacy.mode=sample", "privacy.epsilon=3"])
+    assert (sample.local_batch_size(), sample.local_steps()) == (64, 20)
+    assert (sample.local_optim().name, sample.local_optim().lr, sample.local_optim().momentum) == ("sgd", 1.0, 0.9)
+    # A partial override keeps the DP defaults of the other optimizer fields.
+    tuned = load_config(None, ["privacy.mode=sample", "privacy.epsilon=3", "privacy.optim.lr=0.5",
+                               "privacy.batch_size=96", "privacy.local_steps=7"])
+    assert (tuned.local_optim().name, tuned.local_optim().lr, tuned.local_optim().momentum) == ("sgd", 0.5, 0.9)
+    assert (tuned.local_batch_size(), tuned.local_steps()) == (96, 7)
+    for bad in ("privacy.batch_size=0", "privacy.local_steps=0", "privacy.optim.lr=-1", "privacy.optim.name=lion"):
+        with pytest.raises(ConfigError):
+            load_config(None, [bad])
+
+
 def test_parse_override_types():
     assert parse_override("a.b=3") == (["a", "b"], 3)
     assert parse_override("a=true") == (["a"], True)

@@ -29,8 +29,8 @@ from fedlora.strategies import LoraFactors
 pytestmark = pytest.mark.slow  # the real model, in-process
 
 TINY = [
-    "federation.local_steps=2", "federation.batch_size=8", "data.max_eval_examples=100", "data.max_length=32",
-    "output.progress=false", "output.save_adapter=false", "federation.partition=iid",
+    "federation.local_steps=2", "federation.batch_size=8", "privacy.batch_size=8", "privacy.local_steps=2",
+    "data.max_eval_examples=100", "data.max_length=32", "output.progress=false", "output.save_adapter=false", "federation.partition=iid",
 ]
 
 
@@ -66,7 +66,7 @@ def test_dropout_run_completes_and_charges_epsilon_only_to_clients_that_trained(
             trained_rounds[c] += 1
     assert sum(len(r["dropped"]) for r in rows) > 0, "seed chosen so that clients drop out"
 
-    steps = run.cfg.federation.local_steps
+    steps = run.cfg.local_steps()
     state = load_checkpoint(tmp_path / "checkpoint")
     for reports in (run.server.privacy, state["server"]["privacy"]):
         charged = {int(c): rep["dp_steps"] for c, rep in reports.items()}
@@ -226,3 +226,23 @@ def test_too_few_valid_updates_is_one_line_and_exit_2_from_the_cli(tmp_path, mon
     rows = read_metrics(tmp_path / "run")
     assert [r["round"] for r in rows] == [1, 2] and rows[-1]["clients"] == [0, 1, 2]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == 2
+
+
+def test_sample_dp_run_logs_epsilon_an_independent_accountant_reproduces(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    run = local_run(tmp_path, "federation.num_clients=3", "federation.rounds=3", "privacy.mode=sample",
+                    "privacy.epsilon=3", "privacy.batch_size=12", "privacy.local_steps=1")
+    summary = run.run()
+    rows = read_metrics(tmp_path)
+    assert len(rows) == 3
+    for r in rows:
+        assert {"epsilon", "delta", "noise_multiplier", "sample_rate", "dp_steps", "accountant"} <= set(r)
+        assert r["dp_steps"] == r["round"] * run.cfg.local_steps()
+        ref = RDPAccountant()
+        ref.history = [(r["noise_multiplier"], r["sample_rate"], r["dp_steps"])]
+        assert ref.get_epsilon(r["delta"]) == pytest.approx(r["epsilon"], rel=1e-3)
+    sizes = {p["client"]: p["size"] for p in summary["partition"]}
+    assert rows[-1]["sample_rate"] == pytest.approx(12 / sizes[rows[-1]["epsilon_client"]])
+    # Calibrated for all rounds once: the budget is used up, not overshot and not wasted.
+    assert 0.97 * 3.0 <= rows[-1]["epsilon"] <= 3.0

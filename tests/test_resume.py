@@ -32,8 +32,9 @@ from fedlora.runner import run_experiment
 from fedlora.strategies import LoraFactors
 
 TINY = [
-    "federation.num_clients=3", "federation.local_steps=2", "federation.batch_size=8", "federation.partition=iid",
-    "data.max_eval_examples=100", "data.max_length=32", "output.progress=false", "seed=7",
+    "federation.num_clients=3", "federation.local_steps=2", "federation.batch_size=8", "privacy.batch_size=8",
+    "privacy.local_steps=2", "federation.partition=iid", "data.max_eval_examples=100", "data.max_length=32",
+    "output.progress=false", "seed=7",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ENV.pop("FEDLORA_DEBUG", None)

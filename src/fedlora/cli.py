@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", nargs="?", default="paper-ffa")
     bench.add_argument("--out", default=None)
     bench.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 CPU cores)")
+    bench.add_argument("--jobs", type=int, default=1, help="training runs at once (each gets cores/jobs threads)")
 
     report = sub.add_parser("report", help="compare run folders: report.md and plots")
     report.add_argument("run_dirs", nargs="+")
@@ -98,7 +99,8 @@ def cmd_report(args) -> int:
 def cmd_bench(args) -> int:
     from fedlora.bench import run_suite
 
-    out = run_suite(args.suite, Path(args.out) if args.out else Path("bench-out") / args.suite, quick=args.quick)
+    out = run_suite(args.suite, Path(args.out) if args.out else Path("bench-out") / args.suite, quick=args.quick,
+                    jobs=args.jobs)
     print(out)
     return 0
 

@@ -40,11 +40,11 @@ class SamplePrivacy:
     @classmethod
     def for_client(cls, cfg: ExperimentConfig, num_examples: int) -> "SamplePrivacy":
         p, fed = cfg.privacy, cfg.federation
-        q = min(1.0, fed.batch_size / max(num_examples, 1))
+        q = min(1.0, cfg.local_batch_size() / max(num_examples, 1))
         sigma = p.noise_multiplier
         if sigma is None:
             # Calibrated once for every local step this client may take in the whole run (all rounds).
-            sigma = calibrate_noise_multiplier(p.epsilon, p.delta, q, fed.rounds * fed.local_steps, p.accountant)
+            sigma = calibrate_noise_multiplier(p.epsilon, p.delta, q, fed.rounds * cfg.local_steps(), p.accountant)
         return cls(sigma, q, p.clip, p.delta, p.epsilon, ClientAccountant(p.accountant))
 
     def epsilon(self) -> float:
@@ -81,12 +81,12 @@ class SamplePrivacy:
         from fedlora.client import collate
 
         cfg = trainer.cfg
-        batches = poisson_batches(len(data), self.sample_rate, cfg.federation.local_steps, rng)
+        batches = poisson_batches(len(data), self.sample_rate, cfg.local_steps(), rng)
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id, 7]).generate_state(1)[0]))
         losses, samples = [], 0
         with private_training(
             model, optimizer, noise_multiplier=self.noise_multiplier, clip=self.clip,
-            expected_batch_size=cfg.federation.batch_size, generator=gen,
+            expected_batch_size=cfg.local_batch_size(), generator=gen,
             accountant=self.accountant, sample_rate=self.sample_rate,
         ) as (module, dp_optimizer):
             for idx in batches:

@@ -31,10 +31,11 @@ def available_suites() -> list[str]:
     return sorted(SUITES)
 
 
-def run_suite(suite: str, out: Path, quick: bool = False, size: str | None = None) -> Path:
+def run_suite(suite: str, out: Path, quick: bool = False, size: str | None = None, jobs: int = 1) -> Path:
     """Run (or reuse) every run of `suite`, write `out/report.md`, `out/results.json`, `out/plots/`; return report.md.
 
-    `size` overrides `quick` ("full", "quick" or "smoke"); a bad suite or size raises ValueError.
+    `size` overrides `quick` ("full", "quick" or "smoke"); `jobs` trains that many runs at once (the speed
+    suite always measures alone); a bad suite, size or jobs raises ValueError.
     """
     from rich.console import Console
 
@@ -43,12 +44,14 @@ def run_suite(suite: str, out: Path, quick: bool = False, size: str | None = Non
     size = size or ("quick" if quick else "full")
     if size not in SIZES:
         raise ValueError(f"unknown bench size {size!r}; available: {', '.join(SIZES)}")
+    if jobs < 1:
+        raise ValueError(f"bench jobs must be >= 1, got {jobs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, soft_wrap=True)  # progress on stderr: stdout carries only the report path
     console.print(f"[bold]fedlora bench {suite}[/bold] (size {size}) -> {out}")
     t0 = time.perf_counter()
-    result = importlib.import_module(SUITES[suite]).run(out, size, console)
+    result = importlib.import_module(SUITES[suite]).run(out, size, console, jobs)
     elapsed = time.perf_counter() - t0
 
     report = out / "report.md"

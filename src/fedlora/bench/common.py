@@ -17,7 +17,7 @@ def optimizer_overrides() -> list[str]:
 def optimizer_note() -> str:
     return (
         f"optimizer: {OPTIMIZER['name']} lr {OPTIMIZER['lr']:g}, no weight decay, fresh per client and round, the "
-        "same for every method and privacy level. The FFA-LoRA paper used SGD, which does not train this model in "
+        "same for every method (DP-SGD runs use the DP recipe stated with them). The FFA-LoRA paper used SGD, which does not train this model in "
         "the budget: the classifier reads the pooler output of a sentence-embedding model, whose features have a "
         "std of about 0.04, so SGD moves the head very slowly (centralized probe, batch 16: SGD lr 0.2 stayed at "
         "the majority class for 120 steps, lr 1.0 reached 0.71 after 120; AdamW 5e-3 reached 0.69 / 0.76 after "

@@ -35,21 +35,23 @@ class Size:
     epsilons: tuple[float | None, ...]  # None: no DP (epsilon = infinity)
     methods: tuple[str, ...] = ("ffa", "fedit")
     batch_size: int = 32
+    dp_batch_size: int = 64  # DP-SGD's own recipe (privacy.batch_size / local_steps, SGD with momentum)
+    dp_local_steps: int = 10
     estimate: str = ""
 
 
 SIZES: dict[str, Size] = {
-    # 2 methods x 4 privacy levels x 3 seeds = 24 runs of 3 clients x 80 local steps of 16 examples. Measured on
-    # an idle 2-core CPU: ~8 s per round (3 clients' training + evaluating 500 examples), DP rounds about the
-    # same, plus ~10 s to load model and data per run.
+    # 2 methods x 4 privacy levels x 3 seeds = 24 runs of 3 clients x 8 rounds. Non-private: 10 local steps of 16
+    # examples (~80 s a run on an idle 2-core CPU); DP-SGD: 8 steps of 64 (~2.8 min a run at ~80 samples/s).
     "full": Size(seeds=(0, 1, 2), rounds=8, local_steps=10, batch_size=16, max_eval=500, max_length=64,
-                 epsilons=(1.0, 3.0, 6.0, None),
-                 estimate="about 30-40 min on an idle 2-core CPU (~75-90 s per run); several times longer when "
+                 epsilons=(1.0, 3.0, 6.0, None), dp_batch_size=64, dp_local_steps=8,
+                 estimate="about 55-65 min on an idle 2-core CPU (also with --jobs 2); several times longer when "
                           "other jobs compete for the cores"),
     "quick": Size(seeds=(0,), rounds=2, local_steps=2, batch_size=16, max_eval=200, max_length=32,
-                  epsilons=(1.0, None), estimate="about 1-2 min on an idle 2-core CPU"),
+                  epsilons=(1.0, None), dp_batch_size=16, dp_local_steps=2,
+                  estimate="about 1-2 min on an idle 2-core CPU"),
     "smoke": Size(seeds=(0,), rounds=1, local_steps=1, batch_size=16, max_eval=64, max_length=32,
-                  epsilons=(1.0, None), estimate="under a minute (tests only)"),
+                  epsilons=(1.0, None), dp_batch_size=16, dp_local_steps=1, estimate="under a minute (tests only)"),
 }
 
 
@@ -63,17 +65,18 @@ def base_overrides(size: Size) -> list[str]:
     ]
 
 
-def privacy_overrides(eps: float | None) -> list[str]:
+def privacy_overrides(eps: float | None, size: Size) -> list[str]:
     if eps is None:
         return ["privacy.mode=none"]
-    return ["privacy.mode=sample", f"privacy.epsilon={eps}", f"privacy.delta={DELTA}"]
+    return ["privacy.mode=sample", f"privacy.epsilon={eps}", f"privacy.delta={DELTA}",
+            f"privacy.batch_size={size.dp_batch_size}", f"privacy.local_steps={size.dp_local_steps}"]
 
 
 def specs(size: Size) -> list[RunSpec]:
     base = base_overrides(size)
     return [
         RunSpec(labels=(("method", m), ("epsilon", eps)),
-                overrides=tuple(base + privacy_overrides(eps) + [f"strategy.name={m}"]), seed=seed)
+                overrides=tuple(base + privacy_overrides(eps, size) + [f"strategy.name={m}"]), seed=seed)
         for eps in size.epsilons for m in size.methods for seed in size.seeds
     ]
 
@@ -88,10 +91,10 @@ def _paired_gap(records: list[RunRecord], a: str, b: str, eps: float | None) -> 
     return [r.summary["final_accuracy"] - by_seed[r.spec.seed] for r in _select(records, a, eps) if r.spec.seed in by_seed]
 
 
-def run(out: Path, size_name: str, console: Console) -> SuiteOutput:
+def run(out: Path, size_name: str, console: Console, jobs: int = 1) -> SuiteOutput:
     size = SIZES[size_name]
     cache = RunCache(out, console, NAME)
-    records = cache.ensure_all(specs(size))
+    records = cache.ensure_all(specs(size), jobs)
     eps_cols = list(size.epsilons)
 
     # Final accuracy per (method, epsilon), and the paired FFA − FedIT gap.
@@ -165,10 +168,13 @@ def run(out: Path, size_name: str, console: Console) -> SuiteOutput:
         f"- 3 clients ({', '.join(map(str, sizes))} examples), label skew: per-client [negative, positive] "
         f"proportions {LABEL_FRACTIONS}.",
         f"- LoRA r = α = {RANK} on query/value, classifier head trained and averaged (both methods); "
-        f"{size.rounds} rounds × {size.local_steps} local steps, batch {size.batch_size}, all clients every round.",
-        f"- DP: sample-level DP-SGD (per-example clip C = 1, Poisson sampling q = batch/n_k), δ = {DELTA:g}; σ "
-        f"calibrated once per client for all {size.rounds * size.local_steps} local steps (RDP accountant).",
-        f"- {optimizer_note()}",
+        f"{size.rounds} rounds, all clients every round; without DP {size.local_steps} local steps of batch "
+        f"{size.batch_size} per round.",
+        f"- DP: sample-level DP-SGD with fedlora's DP recipe, the same for both methods: {size.dp_local_steps} local "
+        f"steps per round of expected batch {size.dp_batch_size} (Poisson sampling, q = batch/n_k), per-example "
+        f"clip C = 1, SGD lr 1.0 with momentum 0.9 (`privacy.optim`), δ = {DELTA:g}; σ calibrated once per client "
+        f"for all {size.rounds * size.dp_local_steps} local steps (RDP accountant).",
+        f"- without DP: {optimizer_note()}",
         f"- seeds {list(size.seeds)}; mean ± std (sample std) over seeds.",
         f"- {timing_note(size_name, records, size.estimate)}",
         "",

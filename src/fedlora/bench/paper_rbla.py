@@ -134,10 +134,10 @@ def _variant_section(out: Path, variant: str, ranks: tuple[int, ...], records: l
     return md, numbers
 
 
-def run(out: Path, size_name: str, console: Console) -> SuiteOutput:
+def run(out: Path, size_name: str, console: Console, jobs: int = 1) -> SuiteOutput:
     size = SIZES[size_name]
     cache = RunCache(out, console, NAME)
-    records = cache.ensure_all(specs(size))
+    records = cache.ensure_all(specs(size), jobs)
     md_variants, numbers, curves, norm_panels, marks = [], {}, {}, {}, {}
     for variant, ranks in size.variants:
         recs = [r for r in records if r.spec.label("variant") == variant]

@@ -4,13 +4,20 @@ A run's folder is `<out>/runs/<hash>`, the hash of the resolved config TOML (the
 with summary.json is reused as it is; one with a checkpoint but no summary is resumed from it; anything else
 is (re)run from round 1. The bench's wall time per run (model loading included) is kept in `bench.json` beside
 the run's files, so a cached run still reports how long it took.
+
+`jobs > 1` trains the pending runs in that many worker processes with cores/jobs torch threads each. On a
+2-core CPU two one-thread runs side by side get more done than one two-thread run (thread synchronisation is
+a large share of a step of this small model), and a run's numbers do not depend on which worker ran it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,31 +90,24 @@ class RunCache:
         self.console = console or Console(stderr=True)
         self.suite = suite
         self.log: list[dict] = []
+        self.trained: dict[Path, str] = {}  # run folders trained by worker processes in this call -> status
 
     def run_dir(self, cfg: ExperimentConfig) -> Path:
         return self.root / "runs" / config_hash(cfg)
 
-    def ensure_all(self, specs: list[RunSpec]) -> list[RunRecord]:
+    def ensure_all(self, specs: list[RunSpec], jobs: int = 1) -> list[RunRecord]:
+        if jobs > 1:
+            self._train_parallel(specs, jobs)
         return [self.ensure(spec, i + 1, len(specs)) for i, spec in enumerate(specs)]
 
     def ensure(self, spec: RunSpec, index: int = 1, total: int = 1) -> RunRecord:
-        from fedlora.runner import resume_experiment, run_experiment
-
-        cfg = spec.config()
-        run_dir = self.run_dir(cfg)
-        if (run_dir / "summary.json").exists():
+        run_dir = self.run_dir(spec.config())
+        if run_dir in self.trained:
+            status = self.trained[run_dir]
+        elif (run_dir / "summary.json").exists():
             status = "cached"
         else:
-            t0 = time.perf_counter()
-            if (run_dir / "checkpoint" / "state.npz").exists():
-                status = "resumed"
-                resume_experiment(run_dir, quiet=True)
-            else:
-                status = "ran"
-                run_experiment(cfg, out=run_dir, quiet=True)
-            # Written last: a resumed run reports only the time of the call that finished it.
-            (run_dir / BENCH_FILE).write_text(json.dumps({"seconds": time.perf_counter() - t0, "status": status,
-                                                          "spec": spec.describe()}))
+            status = train_run(spec, run_dir)
         record = RunRecord(
             spec=spec, run_dir=run_dir, status=status,
             seconds=float(_read_json(run_dir / BENCH_FILE).get("seconds", 0.0)),
@@ -115,6 +115,22 @@ class RunCache:
         )
         self._report(record, index, total)
         return record
+
+    def _train_parallel(self, specs: list[RunSpec], jobs: int) -> None:
+        todo = {self.run_dir(s.config()): s for s in specs}
+        todo = {d: s for d, s in todo.items() if not (d / "summary.json").exists()}
+        if len(todo) < 2:
+            return
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.console.print(f"[bold]{self.suite}[/bold] training {len(todo)} runs in {jobs} processes "
+                           f"({threads} torch thread(s) each)")
+        # spawn: a forked child would inherit this process's torch thread pool and any loaded model state.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_run, s, d, threads): d for d, s in todo.items()}
+            for n, fut in enumerate(as_completed(futures), 1):
+                d = futures[fut]
+                self.trained[d] = fut.result()
+                self.console.print(f"[dim]{self.suite} finished {n}/{len(todo)}: {todo[d].describe()}[/dim]")
 
     def _report(self, rec: RunRecord, index: int, total: int) -> None:
         colour = {"cached": "dim", "resumed": "yellow", "ran": "green"}[rec.status]
@@ -125,6 +141,27 @@ class RunCache:
         )
         self.log.append({"spec": rec.spec.describe(), "run_dir": str(rec.run_dir.relative_to(self.root)),
                          "status": rec.status, "seconds": rec.seconds})
+
+
+def train_run(spec: RunSpec, run_dir: Path, threads: int | None = None) -> str:
+    """Train (or resume) one run into `run_dir`; returns "ran" or "resumed". Module level: workers call it."""
+    from fedlora.runner import resume_experiment, run_experiment
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if (run_dir / "checkpoint" / "state.npz").exists():
+        status = "resumed"
+        resume_experiment(run_dir, quiet=True)
+    else:
+        status = "ran"
+        run_experiment(spec.config(), out=run_dir, quiet=True)
+    # Written last: a resumed run reports only the time of the call that finished it.
+    (run_dir / BENCH_FILE).write_text(json.dumps({"seconds": time.perf_counter() - t0, "status": status,
+                                                  "spec": spec.describe()}))
+    return status
 
 
 def _read_json(path: Path) -> dict:

@@ -137,7 +137,8 @@ def bytes_per_round(ranks: tuple[int, ...], methods: list[str] | None = None, se
     return rows
 
 
-def run(out: Path, size_name: str, console: Console) -> SuiteOutput:
+def run(out: Path, size_name: str, console: Console, jobs: int = 1) -> SuiteOutput:
+    del jobs  # timings are taken one measurement at a time, never beside another job
     from fedlora.bench.dp_step import measure_dp_step
     from fedlora.bench.throughput import measure_client_throughput
 

@@ -213,7 +213,7 @@ def handle_train(msg: Message, context: Context, fault: Fault | None = None) -> 
     if fault is not None:
         fault(down.round, client_id)
     dp = load_privacy(rt.cfg, context.state, len(data))
-    if dp is not None and not dp.can_train(rt.cfg.federation.local_steps):
+    if dp is not None and not dp.can_train(rt.cfg.local_steps()):
         reason = f"privacy budget exhausted (epsilon={dp.target_epsilon})"
         return Message(RecordDict({"skip": ConfigRecord({"reason": reason})}), reply_to=msg)
     update = rt.trainer.train(client_id, down, data, dp=dp)

@@ -155,7 +155,7 @@ class FlowerRounds:
             messages.append(msg)
             sent[self.nodes[c]] = c
             traffic.bytes_down += nbytes
-        self.progress.start_round(server.round + 1, len(messages) * self.cfg.federation.local_steps)
+        self.progress.start_round(server.round + 1, len(messages) * self.cfg.local_steps())
         replies = list(self.grid.send_and_receive(messages, timeout=self.options.round_timeout_s)) if messages else []
         answered = set()
         for reply in replies:

@@ -91,10 +91,10 @@ class LocalRun:
         dropped = server.draw_dropouts(sampled)
         updates, skipped = [], {c: "dropped out (simulated failure)" for c in dropped}
         active = [c for c in sampled if c not in dropped]
-        self.progress.start_round(server.round + 1, len(active) * self.cfg.federation.local_steps)
+        self.progress.start_round(server.round + 1, len(active) * self.cfg.local_steps())
         for c in active:
             dp = self.client_privacy.get(c)
-            if dp is not None and not dp.can_train(self.cfg.federation.local_steps):
+            if dp is not None and not dp.can_train(self.cfg.local_steps()):
                 skipped[c] = "privacy budget exhausted"
                 self.progress.note(f"client {c} sits out: its next round would exceed epsilon={dp.target_epsilon}")
                 continue

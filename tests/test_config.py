@@ -42,13 +42,16 @@ def test_dp_sgd_trains_with_its_own_recipe_only_under_sample_level_dp():
     assert (client.local_batch_size(), client.local_steps(), client.local_optim()) == (16, 25, client.optim)
     sample = load_config(None, ["privacy.mode=sample", "privacy.epsilon=3"])
     assert (sample.local_batch_size(), sample.local_steps()) == (64, 20)
-    assert (sample.local_optim().name, sample.local_optim().lr, sample.local_optim().momentum) == ("sgd", 1.0, 0.9)
+    dp = sample.local_optim()
+    assert (dp.name, dp.lr, dp.head_lr, dp.momentum) == ("sgd", 0.1, 1.0, 0.9)
     # A partial override keeps the DP defaults of the other optimizer fields.
     tuned = load_config(None, ["privacy.mode=sample", "privacy.epsilon=3", "privacy.optim.lr=0.5",
                                "privacy.batch_size=96", "privacy.local_steps=7"])
-    assert (tuned.local_optim().name, tuned.local_optim().lr, tuned.local_optim().momentum) == ("sgd", 0.5, 0.9)
+    dp = tuned.local_optim()
+    assert (dp.name, dp.lr, dp.head_lr, dp.momentum) == ("sgd", 0.5, 1.0, 0.9)
     assert (tuned.local_batch_size(), tuned.local_steps()) == (96, 7)
-    for bad in ("privacy.batch_size=0", "privacy.local_steps=0", "privacy.optim.lr=-1", "privacy.optim.name=lion"):
+    for bad in ("privacy.batch_size=0", "privacy.local_steps=0", "privacy.optim.lr=-1", "privacy.optim.name=lion",
+                "optim.head_lr=0"):
         with pytest.raises(ConfigError):
             load_config(None, [bad])
 
@@ -105,3 +108,19 @@ def test_cli_errors_exit_2_with_one_line(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedlora: error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_optimizer_gives_the_head_its_own_learning_rate_when_set():
+    import torch
+
+    from fedlora.client import make_optimizer
+
+    lora_p, head_p = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    dp = load_config(None, ["privacy.mode=sample", "privacy.epsilon=3"])
+    opt = make_optimizer(dp, [lora_p, head_p], head=[head_p])
+    assert isinstance(opt, torch.optim.SGD)
+    groups = [(g["params"], g["lr"], g["momentum"]) for g in opt.param_groups]
+    assert groups == [([lora_p], 0.1, 0.9), ([head_p], 1.0, 0.9)]
+    plain = make_optimizer(load_config(None, []), [lora_p, head_p], head=[head_p])  # head_lr None: one group
+    assert isinstance(plain, torch.optim.AdamW) and len(plain.param_groups) == 1
+    assert plain.param_groups[0]["lr"] == pytest.approx(6e-3)

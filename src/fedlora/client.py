@@ -91,11 +91,19 @@ class Update:
     privacy: dict = field(default_factory=dict)  # the client's accountant state and epsilon (sample-level DP)
 
 
-def make_optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: ExperimentConfig, params: list[torch.nn.Parameter], head: list[torch.nn.Parameter] = ()
+) -> torch.optim.Optimizer:
+    """The clients' optimizer over `params`; those also in `head` get `head_lr` when it is set."""
     opt = cfg.local_optim()
+    head_ids = {id(p) for p in head} if opt.head_lr is not None else set()
+    groups = [{"params": [p for p in params if id(p) not in head_ids]}]
+    if head_ids:
+        groups.append({"params": [p for p in params if id(p) in head_ids], "lr": opt.head_lr})
+    groups = [g for g in groups if g["params"]]
     if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(groups, lr=opt.lr, weight_decay=opt.weight_decay)
 
 
 def fresh_factors(cfg: ExperimentConfig, dims, rank: int, round_idx: int, client_id: int) -> dict[str, LoraFactors]:
@@ -129,7 +137,8 @@ class ClientTrainer:
         cfg = self.cfg
         adapter = self.load(down, client_id)
         params = self.host.activate(down.rank, train_A=self.strategy.trains_A)
-        optimizer = make_optimizer(cfg, params)
+        head = [p for n, p in self.host.model.named_parameters() if p.requires_grad and ".modules_to_save." in n]
+        optimizer = make_optimizer(cfg, params, head)
         rng = np.random.default_rng([cfg.seed, down.round, client_id])
         model = self.host.model
         # HetLoRA's tail penalty; under DP-SGD only the clipped, noised data gradient is used, so it is off.

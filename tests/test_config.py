@@ -51,7 +51,7 @@ def test_dp_sgd_trains_with_its_own_recipe_only_under_sample_level_dp():
     assert (dp.name, dp.lr, dp.head_lr, dp.momentum) == ("sgd", 0.5, 1.0, 0.9)
     assert (tuned.local_batch_size(), tuned.local_steps()) == (96, 7)
     for bad in ("privacy.batch_size=0", "privacy.local_steps=0", "privacy.optim.lr=-1", "privacy.optim.name=lion",
-                "optim.head_lr=0"):
+                "optim.head_lr=0", "privacy.clipping=per-layer", "privacy.lora_clip=0"):
         with pytest.raises(ConfigError):
             load_config(None, [bad])
 

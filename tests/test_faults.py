@@ -228,11 +228,13 @@ def test_too_few_valid_updates_is_one_line_and_exit_2_from_the_cli(tmp_path, mon
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == 2
 
 
-def test_sample_dp_run_logs_epsilon_an_independent_accountant_reproduces(tmp_path):
+@pytest.mark.parametrize("clipping", ["flat", "group"])
+def test_sample_dp_run_logs_epsilon_an_independent_accountant_reproduces(tmp_path, clipping):
     from opacus.accountants import RDPAccountant
 
     run = local_run(tmp_path, "federation.num_clients=3", "federation.rounds=3", "privacy.mode=sample",
-                    "privacy.epsilon=3", "privacy.batch_size=12", "privacy.local_steps=1")
+                    "privacy.epsilon=3", "privacy.batch_size=12", "privacy.local_steps=1",
+                    f"privacy.clipping={clipping}")
     summary = run.run()
     rows = read_metrics(tmp_path)
     assert len(rows) == 3
@@ -246,3 +248,4 @@ def test_sample_dp_run_logs_epsilon_an_independent_accountant_reproduces(tmp_pat
     assert rows[-1]["sample_rate"] == pytest.approx(12 / sizes[rows[-1]["epsilon_client"]])
     # Calibrated for all rounds once: the budget is used up, not overshot and not wasted.
     assert 0.97 * 3.0 <= rows[-1]["epsilon"] <= 3.0
+    assert all(np.isfinite(r["train_loss"]) for r in rows)

@@ -395,3 +395,80 @@ def test_tiny_private_training_run(tok):
     assert acc.epsilon(delta) > target  # one step past the calibrated budget: the accountant sees it
     assert ClientAccountant("rdp", [(sigma, q, steps)]).epsilon(delta) <= target
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _group_step(model, batch, groups_of, *, sigma, bounds, n, lr=1.0, seed=0, inspect=None):
+    """One DP-SGD step with group-wise clipping: head to bounds["head"], LoRA factors to bounds["lora"]."""
+    params = trainable(model)
+    groups = [([p for name, p in params.items() if groups_of(name) == g], bounds[g]) for g in ("lora", "head")]
+    opt = torch.optim.SGD(list(params.values()), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    with private_training(model, opt, noise_multiplier=sigma, clip=1.0, expected_batch_size=n, generator=gen,
+                          clip_groups=groups) as (m, dpo):
+        m(**batch).loss.backward()
+        if inspect is not None:
+            inspect(dpo)
+        dpo.step()
+        dpo.zero_grad()
+
+
+def _group(name: str) -> str:
+    return "head" if ".modules_to_save." in name else "lora"
+
+
+def test_group_clipping_bounds_each_group_and_noises_it_to_match(tok):
+    n = 8
+    batch = make_batch(tok, list(range(3, 64, 8)))
+    model = make_model(ffa=False)
+    names = list(trainable(model))
+    seen = {}
+
+    def inspect(dpo):
+        seen["gs"] = {name: p.grad_sample.reshape(n, -1).double().clone() for name, p in zip(names, dpo.params)}
+
+    # Bounds between the groups' per-example norms: both groups really are clipped, each to its own bound.
+    start = snapshot(model)
+    _group_step(model, batch, _group, sigma=0.0, bounds={"lora": 1.0, "head": 1.0}, n=n, lr=0.0, inspect=inspect)
+    norms = {g: torch.stack([seen["gs"][k].pow(2).sum(1) for k in names if _group(k) == g]).sum(0).sqrt()
+             for g in ("lora", "head")}
+    bounds = {g: float(norms[g].median()) for g in norms}
+    assert bounds["lora"] < bounds["head"] / 5  # the imbalance group clipping is for
+    model.load_state_dict(start, strict=False)
+    _group_step(model, batch, _group, sigma=0.0, bounds=bounds, n=n, inspect=inspect)
+    update = {k: (p.detach() - start[k]).reshape(-1).double() for k, p in trainable(model).items()}
+    for g in ("lora", "head"):
+        factors = (bounds[g] / (norms[g] + 1e-6)).clamp(max=1.0)
+        assert (factors < 1).any() and (factors == 1).any()
+        contrib = {k: seen["gs"][k] * factors[:, None] for k in names if _group(k) == g}
+        per_example = torch.stack([c.pow(2).sum(1) for c in contrib.values()]).sum(0).sqrt()
+        assert torch.all(per_example <= bounds[g] * (1 + 1e-6))
+        for k, c in contrib.items():  # the step is the mean of the clipped contributions (sigma = 0)
+            torch.testing.assert_close(update[k], -c.sum(0) / n, rtol=1e-4, atol=1e-7)
+
+    # Noise: group g gets std sigma * sqrt(2) * C_g per coordinate (two groups), centred on the clipped mean.
+    sigma, runs, bounds = 0.7, 5, {"lora": 0.02, "head": 0.5}
+    ups = []
+    for seed in range(runs):
+        model.load_state_dict(start, strict=False)
+        _group_step(model, batch, _group, sigma=sigma, bounds=bounds, n=n, seed=seed)
+        ups.append({k: (p.detach() - start[k]).reshape(-1).double() for k, p in trainable(model).items()})
+    for g in ("lora", "head"):
+        u = torch.stack([torch.cat([x[k] for k in names if _group(k) == g]) for x in ups])
+        expected_var = (sigma * np.sqrt(2) * bounds[g] / n) ** 2
+        pooled = u.var(dim=0, unbiased=True).mean().item()
+        assert abs(pooled / expected_var - 1) < 5 * np.sqrt(2 / ((runs - 1) * u.shape[1])), g
+
+
+def test_group_clipping_refuses_parameters_outside_every_group(tok):
+    model = make_model(ffa=True)
+    params = trainable(model)
+    lora_only = [([p for k, p in params.items() if _group(k) == "lora"], 0.05)]
+    opt = torch.optim.SGD(list(params.values()), lr=0.1)
+    with pytest.raises(ValueError, match="no clipping group"):
+        with private_training(model, opt, noise_multiplier=1.0, clip=1.0, expected_batch_size=4,
+                              clip_groups=lora_only):
+            pass
+    with pytest.raises(ValueError, match="finite and > 0"):
+        with private_training(model, opt, noise_multiplier=1.0, clip=1.0, expected_batch_size=4,
+                              clip_groups=[(list(params.values()), 0.0)]):
+            pass

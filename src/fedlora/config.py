@@ -211,6 +211,10 @@ class PrivacyConfig(_Section):
     batch_size: int = Field(64, ge=1)
     local_steps: int = Field(20, ge=1)
     optim: DPOptimConfig = Field(default_factory=lambda: DPOptimConfig())
+    # "group": the classifier head is clipped to `clip` and the LoRA factors to `lora_clip`, each noised to
+    # match (same epsilon as "flat"; see privacy.dpsgd.GroupClipDPOptimizer). "flat": one bound `clip` for all.
+    clipping: Literal["flat", "group"] = "flat"
+    lora_clip: float = Field(0.05, gt=0.0)
 
     @model_validator(mode="after")
     def _target_or_sigma(self):

@@ -87,7 +87,7 @@ class SamplePrivacy:
         with private_training(
             model, optimizer, noise_multiplier=self.noise_multiplier, clip=self.clip,
             expected_batch_size=cfg.local_batch_size(), generator=gen,
-            accountant=self.accountant, sample_rate=self.sample_rate,
+            accountant=self.accountant, sample_rate=self.sample_rate, clip_groups=clip_groups(cfg, model),
         ) as (module, dp_optimizer):
             for idx in batches:
                 if len(idx) == 0:
@@ -101,6 +101,18 @@ class SamplePrivacy:
                 losses.append(float(loss.detach()))
                 samples += len(idx)
         return losses, samples
+
+
+def clip_groups(cfg: ExperimentConfig, model: torch.nn.Module) -> list[tuple[list, float]] | None:
+    """privacy.clipping = "group": [(LoRA factors, lora_clip), (classifier head, clip)]; None for flat clipping."""
+    if cfg.privacy.clipping != "group":
+        return None
+    head, factors = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if ".modules_to_save." in name else factors).append(p)
+    groups = [(factors, cfg.privacy.lora_clip), (head, cfg.privacy.clip)]
+    return [(params, bound) for params, bound in groups if params]
 
 
 def sent_tensors(update_factors: dict[str, LoraFactors], head: dict[str, np.ndarray], sends_A: bool) -> dict[str, np.ndarray]:

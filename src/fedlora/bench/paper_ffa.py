@@ -17,6 +17,7 @@ from fedlora.bench import plots
 from fedlora.bench.common import OPTIMIZER, SuiteOutput, optimizer_note, optimizer_overrides, timing_note
 from fedlora.bench.runs import RunCache, RunRecord, RunSpec
 from fedlora.bench.tables import epsilon_key, epsilon_label, fmt_bytes, fmt_mean_std, md_table, mean_std
+from fedlora.config import PrivacyConfig
 
 NAME = "paper-ffa"
 # Rows are per-client label proportions [negative, positive]: positive fractions 0.1, 0.9 and 0.5.
@@ -63,6 +64,15 @@ def base_overrides(size: Size) -> list[str]:
         f"federation.local_steps={size.local_steps}", f"federation.batch_size={size.batch_size}",
         f"lora.rank={RANK}", f"lora.alpha={RANK}", "output.save_adapter=false", *optimizer_overrides(),
     ]
+
+
+def dp_recipe() -> str:
+    """fedlora's default DP-SGD optimizer and clipping, as the report states them."""
+    p = PrivacyConfig(mode="sample", epsilon=1.0)
+    o = p.optim
+    clipping = f"group clipping, LoRA factors to {p.lora_clip:g}" if p.clipping == "group" else "flat clipping"
+    return (f"{clipping}; {o.name} with momentum {o.momentum:g}, lr {o.lr:g} for the LoRA factors and "
+            f"{o.head_lr if o.head_lr is not None else o.lr:g} for the head")
 
 
 def privacy_overrides(eps: float | None, size: Size) -> list[str]:
@@ -172,7 +182,7 @@ def run(out: Path, size_name: str, console: Console, jobs: int = 1) -> SuiteOutp
         f"{size.batch_size} per round.",
         f"- DP: sample-level DP-SGD with fedlora's DP recipe, the same for both methods: {size.dp_local_steps} local "
         f"steps per round of expected batch {size.dp_batch_size} (Poisson sampling, q = batch/n_k), per-example "
-        f"clip C = 1, SGD lr 1.0 with momentum 0.9 (`privacy.optim`), δ = {DELTA:g}; σ calibrated once per client "
+        f"clip C = 1 ({dp_recipe()}), δ = {DELTA:g}; σ calibrated once per client "
         f"for all {size.rounds * size.dp_local_steps} local steps (RDP accountant).",
         f"- without DP: {optimizer_note()}",
         f"- seeds {list(size.seeds)}; mean ± std (sample std) over seeds.",

@@ -43,15 +43,21 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import math
+
 import numpy as np
 import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
+
+# Opacus' own step helpers (private names, pinned by opacus==1.6.*): reusing them keeps the processed-flag
+# bookkeeping and the secure-mode noise exactly as in DPOptimizer.
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from torch import nn
 
 from .accountant import ClientAccountant, validate_privacy_params
 
-__all__ = ["modules_to_hook", "noise_only_step", "poisson_batches", "private_training"]
+__all__ = ["GroupClipDPOptimizer", "modules_to_hook", "noise_only_step", "poisson_batches", "private_training"]
 
 # Layer types whose forward is the same in train and eval mode (once layers with buffers are refused), so
 # switching them to training mode for Opacus changes nothing but the hooks' behaviour.
@@ -81,6 +87,54 @@ warnings.filterwarnings(
 # Attributes Opacus' hooks and DPOptimizer leave on modules/parameters; removed on exit.
 _MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad")
 _PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
+
+
+class GroupClipDPOptimizer(DPOptimizer):
+    """DP-SGD with group-wise clipping: each parameter group has its own per-example bound and its own noise.
+
+    Group g's part of every example's gradient is clipped to C_g, and N(0, (sigma*sqrt(G)*C_g)^2) is added to
+    that group's sum. Scaling group g by 1/(sigma*sqrt(G)*C_g) turns this into one Gaussian mechanism with unit
+    noise and per-example sensitivity sqrt(sum_g 1/(G*sigma^2)) = 1/sigma, i.e. noise multiplier sigma; the
+    released gradient is an invertible linear map of that, so the accountant records (sigma, q) per step exactly
+    as for flat clipping. What changes is where the noise goes: a group whose gradients are small (LoRA factors
+    beside a classifier head) gets a small bound and noise to match, instead of the head-sized noise of a single
+    bound. Opacus' per-layer mode keeps one noise level for all, so this is written here.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, groups: list[tuple[list[nn.Parameter], float]], **kwargs):
+        clips = [float(c) for _, c in groups]
+        if any(not (c > 0 and math.isfinite(c)) for c in clips):
+            raise ValueError(f"group clip bounds must be finite and > 0, got {clips}")
+        # max_grad_norm = the flat-equivalent bound (only used by Opacus for bookkeeping we override).
+        super().__init__(optimizer, max_grad_norm=math.sqrt(sum(c * c for c in clips)), **kwargs)
+        self.group_of = {id(p): g for g, (params, _) in enumerate(groups) for p in params}
+        missing = [i for i, p in enumerate(self.params) if id(p) not in self.group_of]
+        if missing:
+            raise ValueError(f"{len(missing)} trainable parameter(s) belong to no clipping group")
+        self.group_clips = clips
+
+    def clip_and_accumulate(self) -> None:
+        n = len(self.grad_samples[0])
+        sq = [self.grad_samples[0].new_zeros(n) for _ in self.group_clips]
+        for p, g in zip(self.params, self.grad_samples):
+            sq[self.group_of[id(p)]] += g.reshape(n, -1).pow(2).sum(dim=1)
+        factors = [(c / (s.sqrt() + 1e-6)).clamp(max=1.0) for s, c in zip(sq, self.group_clips)]
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factors[self.group_of[id(p)]].to(p.dtype), grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        scale = self.noise_multiplier * math.sqrt(len(self.group_clips))
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            std = scale * self.group_clips[self.group_of[id(p)]]
+            noise = _generate_noise(std=std, reference=p.summed_grad, generator=self.generator,
+                                    secure_mode=self.secure_mode)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 def poisson_batches(n: int, sample_rate: float, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -142,6 +196,7 @@ def private_training(
     accountant: ClientAccountant | None = None,
     sample_rate: float | None = None,
     secure_mode: bool = False,
+    clip_groups: list[tuple[list[nn.Parameter], float]] | None = None,
 ) -> Iterator[tuple[nn.Module, DPOptimizer]]:
     """DP-SGD for the block: yields ``(module_to_call, dp_optimizer)``.
 
@@ -151,6 +206,9 @@ def private_training(
     Each example's gradient over all trainable parameters jointly is clipped to ``clip``, the clipped
     gradients are summed, N(0, (noise_multiplier*clip)^2) is added and the result divided by
     ``expected_batch_size`` (Opacus DPOptimizer semantics), then the wrapped optimizer steps.
+
+    With ``clip_groups`` (``[(params, bound), ...]`` covering every trainable parameter) each group is clipped
+    to its own bound and noised to match (:class:`GroupClipDPOptimizer`); ``clip`` is then unused.
 
     With ``accountant`` and ``sample_rate`` given, every step taken (noise-only ones included) is recorded.
     On exit (normal or exception) every hook and attribute Opacus added is removed, module modes are
@@ -175,15 +233,12 @@ def private_training(
         for m, _ in modes:
             m.training = True  # only this module, not its children (see module docstring)
         hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", strict=True)
-        dp_optimizer = DPOptimizer(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=clip,
-            expected_batch_size=int(expected_batch_size),
-            loss_reduction="mean",
-            generator=generator,
-            secure_mode=secure_mode,
-        )
+        common = dict(noise_multiplier=noise_multiplier, expected_batch_size=int(expected_batch_size),
+                      loss_reduction="mean", generator=generator, secure_mode=secure_mode)
+        if clip_groups is not None:
+            dp_optimizer = GroupClipDPOptimizer(optimizer, groups=clip_groups, **common)
+        else:
+            dp_optimizer = DPOptimizer(optimizer, max_grad_norm=clip, **common)
         if accountant is not None:
             sigma, q = float(noise_multiplier), float(sample_rate)
             dp_optimizer.attach_step_hook(lambda _opt: accountant.step(sigma, q))

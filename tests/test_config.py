@@ -41,9 +41,9 @@ def test_dp_sgd_trains_with_its_own_recipe_only_under_sample_level_dp():
     client = load_config(None, ["privacy.mode=client", "privacy.epsilon=3"])
     assert (client.local_batch_size(), client.local_steps(), client.local_optim()) == (16, 25, client.optim)
     sample = load_config(None, ["privacy.mode=sample", "privacy.epsilon=3"])
-    assert (sample.local_batch_size(), sample.local_steps()) == (64, 20)
+    assert (sample.local_batch_size(), sample.local_steps()) == (128, 10)
     dp = sample.local_optim()
-    assert (dp.name, dp.lr, dp.head_lr, dp.momentum) == ("sgd", 0.1, 1.0, 0.9)
+    assert (dp.name, dp.lr, dp.head_lr, dp.momentum) == ("sgd", 0.2, 1.0, 0.9)
     # A partial override keeps the DP defaults of the other optimizer fields.
     tuned = load_config(None, ["privacy.mode=sample", "privacy.epsilon=3", "privacy.optim.lr=0.5",
                                "privacy.batch_size=96", "privacy.local_steps=7"])
@@ -120,7 +120,7 @@ def test_optimizer_gives_the_head_its_own_learning_rate_when_set():
     opt = make_optimizer(dp, [lora_p, head_p], head=[head_p])
     assert isinstance(opt, torch.optim.SGD)
     groups = [(g["params"], g["lr"], g["momentum"]) for g in opt.param_groups]
-    assert groups == [([lora_p], 0.1, 0.9), ([head_p], 1.0, 0.9)]
+    assert groups == [([lora_p], 0.2, 0.9), ([head_p], 1.0, 0.9)]
     plain = make_optimizer(load_config(None, []), [lora_p, head_p], head=[head_p])  # head_lr None: one group
     assert isinstance(plain, torch.optim.AdamW) and len(plain.param_groups) == 1
     assert plain.param_groups[0]["lr"] == pytest.approx(6e-3)

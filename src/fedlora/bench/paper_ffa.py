@@ -36,16 +36,16 @@ class Size:
     epsilons: tuple[float | None, ...]  # None: no DP (epsilon = infinity)
     methods: tuple[str, ...] = ("ffa", "fedit")
     batch_size: int = 32
-    dp_batch_size: int = 64  # DP-SGD's own recipe (privacy.batch_size / local_steps, SGD with momentum)
-    dp_local_steps: int = 10
+    dp_batch_size: int = 128  # DP-SGD's own recipe (privacy.batch_size / local_steps, SGD with momentum)
+    dp_local_steps: int = 4
     estimate: str = ""
 
 
 SIZES: dict[str, Size] = {
     # 2 methods x 4 privacy levels x 3 seeds = 24 runs of 3 clients x 8 rounds. Non-private: 10 local steps of 16
-    # examples (~80 s a run on an idle 2-core CPU); DP-SGD: 8 steps of 64 (~2.8 min a run at ~80 samples/s).
+    # examples (~80 s a run on an idle 2-core CPU); DP-SGD: 4 steps of 128 (~2.8 min a run at ~80 samples/s).
     "full": Size(seeds=(0, 1, 2), rounds=8, local_steps=10, batch_size=16, max_eval=500, max_length=64,
-                 epsilons=(1.0, 3.0, 6.0, None), dp_batch_size=64, dp_local_steps=8,
+                 epsilons=(1.0, 3.0, 6.0, None), dp_batch_size=128, dp_local_steps=4,
                  estimate="about 55-65 min on an idle 2-core CPU (also with --jobs 2); several times longer when "
                           "other jobs compete for the cores"),
     "quick": Size(seeds=(0,), rounds=2, local_steps=2, batch_size=16, max_eval=200, max_length=32,

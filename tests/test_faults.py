@@ -15,7 +15,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.cli import main
@@ -26,21 +25,13 @@ from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
 from fedlora.strategies import LoraFactors
 
-pytestmark = pytest.mark.slow  # the real model, in-process
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # the real model, in-process
 
 TINY = [
     "federation.local_steps=2", "federation.batch_size=8", "privacy.batch_size=8", "privacy.local_steps=2",
     "data.max_eval_examples=100", "data.max_length=32", "output.progress=false", "output.save_adapter=false", "federation.partition=iid",
 ]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a busy 2-core machine are many times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def local_run(tmp_path, *overrides: str) -> LocalRun:

@@ -7,7 +7,6 @@ engine, crashed and silent clients, too few replies, and nodes without a usable 
 from __future__ import annotations
 
 import pytest
-import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -21,7 +20,7 @@ from fedlora.experiment import make_run_dir
 from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 QUIET = RunProgress(enabled=False)
 TINY = [
@@ -70,15 +69,6 @@ class InProcessGrid(Grid):
                 replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}:<'{exc}'>"), reply_to=msg))
         return replies
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread in this process (Ray's actors use one too): on a shared 2-core machine two threads
-    wait on each other at every op and run several times slower. Results do not depend on it."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ raises mid-round. Each test starts Ray in this process; every process it leaves 
 from __future__ import annotations
 
 import pytest
-import torch
 from flower_procs import TAG_VAR, ProcessTag
 
 from fedlora.config import load_config
@@ -14,7 +13,7 @@ from fedlora.experiment import make_run_dir
 from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 QUIET = RunProgress(enabled=False)
 TINY = [
@@ -23,15 +22,6 @@ TINY = [
     "optim.lr=3e-2", "output.save_adapter=false", "output.progress=false",
 ]
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread in this process (Ray's actors use one too): on a shared 2-core machine two threads
-    wait on each other at every op and run several times slower. Results do not depend on it."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 
 from fedlora import checkpoint
@@ -40,14 +39,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_
 ENV.pop("FEDLORA_DEBUG", None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The reference runs in this process: one thread as in the subprocesses (OMP_NUM_THREADS=1), and two
-    # OpenMP threads on a busy 2-core machine are many times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The reference runs in this process: one thread, as in the subprocesses (OMP_NUM_THREADS=1).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fedlora(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:

@@ -38,6 +38,7 @@ def timing_note(size_name: str, records: list[RunRecord], estimate: str) -> str:
     total = sum(r.seconds for r in records)
     fresh = sum(r.status != "cached" for r in records)
     return (
-        f"size `{size_name}`: {len(records)} runs, {total / 60:.1f} min of bench wall time when they were trained "
-        f"({fresh} trained in this call, the rest from the cache); expected on 2 CPU cores: {estimate}."
+        f"size `{size_name}`: {len(records)} runs, {total / 60:.1f} min summed over the runs' own wall times "
+        f"(with --jobs N, N run at once; {fresh} trained in this call, the rest from the cache); expected on "
+        f"2 CPU cores: {estimate}."
     )

@@ -43,7 +43,8 @@ class Size:
 
 SIZES: dict[str, Size] = {
     # 2 methods x 4 privacy levels x 3 seeds = 24 runs of 3 clients x 8 rounds. Non-private: 10 local steps of 16
-    # examples (~80 s a run on an idle 2-core CPU); DP-SGD: 4 steps of 128 (~2.8 min a run at ~80 samples/s).
+    # examples; DP-SGD: 4 steps of expected batch 128, measured at ~530 s a run with --jobs 2 (one thread each,
+    # ~26 samples/s: per-example gradients and Poisson batches are what cost).
     "full": Size(seeds=(0, 1, 2), rounds=8, local_steps=10, batch_size=16, max_eval=500, max_length=64,
                  epsilons=(1.0, 3.0, 6.0, None), dp_batch_size=128, dp_local_steps=4,
                  estimate="about 55-65 min on an idle 2-core CPU (also with --jobs 2); several times longer when "

@@ -47,8 +47,8 @@ SIZES: dict[str, Size] = {
     # clients) or ~13 s (6 clients) per round on an idle 2-core CPU, plus ~10 s of loading per run.
     "full": Size(seeds=(0, 1, 2), rounds=6, local_steps=8, batch_size=16, max_eval=500, max_length=64,
                  variants=(MIXED, HEAVY_TAIL), methods=ALL_METHODS,
-                 estimate="about 45-55 min on an idle 2-core CPU (~70 s per 4-client run, ~90 s per 6-client "
-                          "run); several times longer when other jobs compete for the cores"),
+                 estimate="about 31 min with --jobs 2 on an idle 2-core CPU (measured), about 45-55 min with one job; "
+                          "several times longer when other jobs compete for the cores"),
     "quick": Size(seeds=(0,), rounds=2, local_steps=2, batch_size=16, max_eval=200, max_length=32,
                   variants=(MIXED, HEAVY_TAIL), methods=("rbla", "zeropad", "flora"),
                   estimate="about 2 min on an idle 2-core CPU"),

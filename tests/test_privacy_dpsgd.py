@@ -57,10 +57,11 @@ def tok():
 def make_model(ffa: bool, seed: int = 0, rank: int = 8):
     """The PEFT model exactly as models.py builds it; lora_B made non-zero so lora_A gets gradients."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
 
-    torch.manual_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(_model_path(), num_labels=2)
+    from fedlora.config import EMBEDDED_MODEL
+    from fedlora.models import load_base_model
+
+    base = load_base_model(EMBEDDED_MODEL, 2, seed=seed)  # mean pooling, the default
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["query", "value"], lora_dropout=0.0,
                      modules_to_save=["classifier"], task_type="SEQ_CLS")
     model = get_peft_model(base, cfg)

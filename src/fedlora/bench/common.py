@@ -17,13 +17,13 @@ def optimizer_overrides() -> list[str]:
 def optimizer_note() -> str:
     return (
         f"optimizer: {OPTIMIZER['name']} lr {OPTIMIZER['lr']:g}, no weight decay, fresh per client and round, the "
-        "same for every method (DP-SGD runs use the DP recipe stated with them). The FFA-LoRA paper used SGD, which does not train this model in "
-        "the budget: the classifier reads the pooler output of a sentence-embedding model, whose features have a "
-        "std of about 0.04, so SGD moves the head very slowly (centralized probe, batch 16: SGD lr 0.2 stayed at "
-        "the majority class for 120 steps, lr 1.0 reached 0.71 after 120; AdamW 5e-3 reached 0.69 / 0.76 after "
-        "30 / 60 steps, 2e-3 0.61 / 0.77, 1e-2 peaked at 0.72 and fell back). Under label skew 2e-3 was still at "
-        "the minority class after 5 federated rounds, hence 5e-3. With Adam the FFA paper's (α, lr) equivalence "
-        "(only lr·s² matters under SGD) does not hold; α is fixed as stated."
+        "same for every method (DP-SGD runs use the DP recipe stated with them). The FFA-LoRA paper used SGD; "
+        "AdamW was chosen when the head read the model's CLS pooler (model.pooling=cls), whose features have a std "
+        "of about 0.04, so SGD moved the head very slowly (centralized probe, batch 16: SGD lr 0.2 stayed at the "
+        "majority class for 120 steps, AdamW 5e-3 reached 0.69 / 0.76 after 30 / 60 steps; under label skew 2e-3 "
+        "was still at the minority class after 5 federated rounds). It is kept for the masked-mean pooling used "
+        "now (Adam is invariant to the feature scale). With Adam the FFA paper's (α, lr) equivalence (only lr·s² "
+        "matters under SGD) does not hold; α is fixed as stated."
     )
 
 

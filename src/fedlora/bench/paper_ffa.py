@@ -42,13 +42,13 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    # 2 methods x 4 privacy levels x 3 seeds = 24 runs of 3 clients x 8 rounds. Non-private: 10 local steps of 16
-    # examples; DP-SGD: 4 steps of expected batch 128, measured at ~530 s a run with --jobs 2 (one thread each,
-    # ~26 samples/s: per-example gradients and Poisson batches are what cost).
-    "full": Size(seeds=(0, 1, 2), rounds=8, local_steps=10, batch_size=16, max_eval=500, max_length=64,
-                 epsilons=(1.0, 3.0, 6.0, None), dp_batch_size=128, dp_local_steps=4,
-                 estimate="about 55-65 min on an idle 2-core CPU (also with --jobs 2); several times longer when "
-                          "other jobs compete for the cores"),
+    # 2 methods x 4 privacy levels x 3 seeds = 24 runs of 3 clients x 6 rounds. Non-private: 10 local steps of 16
+    # examples; DP-SGD: 5 steps of expected batch 64 (per-example gradients and Poisson batches cost ~25 samples/s
+    # on one thread, so a DP run is ~5 min; batch 128 would double the suite).
+    "full": Size(seeds=(0, 1, 2), rounds=6, local_steps=10, batch_size=16, max_eval=500, max_length=64,
+                 epsilons=(1.0, 3.0, 6.0, None), dp_batch_size=64, dp_local_steps=5,
+                 estimate="about 50 min with --jobs 2 on an idle 2-core CPU; several times longer when other "
+                          "jobs compete for the cores"),
     "quick": Size(seeds=(0,), rounds=2, local_steps=2, batch_size=16, max_eval=200, max_length=32,
                   epsilons=(1.0, None), dp_batch_size=16, dp_local_steps=2,
                   estimate="about 1-2 min on an idle 2-core CPU"),

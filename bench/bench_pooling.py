@@ -24,14 +24,19 @@ from fedlora.models import load_base_model, load_tokenizer
 from fedlora.privacy import calibrate_noise_multiplier
 
 
-def embed(model, data, pad_id: int) -> np.ndarray:
-    out = []
+def embed(model, data, pad_id: int) -> dict[str, np.ndarray]:
+    """Both features from one forward pass of the encoder: the CLS pooler's output and the masked mean
+    (what `MaskedMeanPooler` computes; tests/test_pooling.py checks that equality)."""
+    out = {"cls": [], "mean": []}
     with torch.inference_mode():
         for s in range(0, len(data), 256):
             batch = collate(data, np.arange(s, min(s + 256, len(data))), pad_id)
             batch.pop("labels")
-            out.append(model.bert(**batch).pooler_output.numpy())  # what the head reads
-    return np.concatenate(out).astype(np.float64)
+            enc = model.bert(**batch)
+            mask = batch["attention_mask"].unsqueeze(-1).to(enc.last_hidden_state.dtype)
+            out["cls"].append(enc.pooler_output.numpy())
+            out["mean"].append(((enc.last_hidden_state * mask).sum(1) / mask.sum(1)).numpy())
+    return {k: np.concatenate(v).astype(np.float64) for k, v in out.items()}
 
 
 def ridge_probe(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, lam: float = 1e-3) -> float:
@@ -86,19 +91,18 @@ def main() -> None:
           f"{[len(c) for c in data.clients]}; DP: epsilon {cfg.privacy.epsilon:g}, {cfg.federation.rounds} rounds x "
           f"{cfg.privacy.local_steps} steps of {cfg.privacy.batch_size}, head lr {cfg.privacy.optim.head_lr:g}")
     print(f"{'pooling':<8} {'feature std':>11} {'mean/row norm':>13} {'ridge probe':>11} {'DP head eps=3 (median)':>24}")
+    model = load_base_model(cfg.model.name, len(data.label_names), cfg.seed, "cls")
+    W0 = model.classifier.weight.detach().double().numpy()  # the same head init for both poolings (same seed)
+    b0 = model.classifier.bias.detach().double().numpy()
+    feats = [embed(model, c, tok.pad_token_id) for c in data.clients]
+    test = embed(model, data.test, tok.pad_token_id)
     for pooling in ("cls", "mean"):
-        model = load_base_model(cfg.model.name, len(data.label_names), cfg.seed, pooling)
-        W0 = model.classifier.weight.detach().double().numpy()
-        b0 = model.classifier.bias.detach().double().numpy()
-        clients = [(embed(model, c, tok.pad_token_id), c.labels) for c in data.clients]
-        Xt = embed(model, data.test, tok.pad_token_id)
-        X = np.concatenate([x for x, _ in clients])
-        y = np.concatenate([t for _, t in clients])
+        clients = [(f[pooling], c.labels) for f, c in zip(feats, data.clients)]
+        X, y = np.concatenate([x for x, _ in clients]), np.concatenate([t for _, t in clients])
         ratio = np.linalg.norm(X.mean(0)) / np.linalg.norm(X, axis=1).mean()
-        dp = [dp_head(clients, Xt, yt, W0, b0, cfg, s) for s in range(args.seeds)]
-        print(f"{pooling:<8} {X.std(0).mean():>11.3f} {ratio:>13.2f} {ridge_probe(X, y, Xt, yt):>11.3f} "
+        dp = [dp_head(clients, test[pooling], yt, W0, b0, cfg, s) for s in range(args.seeds)]
+        print(f"{pooling:<8} {X.std(0).mean():>11.3f} {ratio:>13.2f} {ridge_probe(X, y, test[pooling], yt):>11.3f} "
               f"{statistics.median(dp):>15.3f} ({min(dp):.3f}-{max(dp):.3f})")
-
 
 if __name__ == "__main__":
     main()

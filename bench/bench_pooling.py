@@ -4,7 +4,9 @@ For the default experiment's data (5 Dirichlet clients, the fixed held-out split
 with the embedded MiniLM, then, per pooling:
 - a centralized ridge probe (closed form, the best a linear head can do on frozen features);
 - the head alone trained federatedly under sample-level DP-SGD at epsilon 3 (the default DP recipe's batch,
-  steps, clip and head optimizer, sigma calibrated per client as fedlora does), median over seeds.
+  steps, clip and head optimizer, sigma calibrated per client as fedlora does), median over seeds;
+- at the start of FFA-LoRA training, the median per-example gradient norm of the head and of LoRA B (what
+  DP-SGD's per-example clipping shares out).
 The DP head is simulated in NumPy on the cached features (softmax-regression gradients are closed form), so
 the whole table takes a few minutes. Usage: python bench/bench_pooling.py [--seeds 3]
 """
@@ -79,6 +81,23 @@ def dp_head(clients, Xt, yt, W0, b0, cfg, seed: int) -> float:
     return float(((Xt @ W.T + b).argmax(1) == yt).mean())
 
 
+def gradient_split(cfg, data, pooling: str, n: int = 32) -> tuple[float, float]:
+    """Median per-example L2 gradient norm of (head, LoRA B) for the FFA-LoRA model at initialisation."""
+    from fedlora.models import ModelHost
+
+    host = ModelHost(cfg.model_copy(update={"model": cfg.model.model_copy(update={"pooling": pooling})}),
+                     len(data.label_names), {cfg.lora.rank})
+    host.activate(cfg.lora.rank, train_A=False)
+    head, lora_b = [], []
+    for i in range(n):
+        host.model.zero_grad()
+        host.model(**collate(data.clients[0], np.array([i]), host.tokenizer.pad_token_id)).loss.backward()
+        grads = [(name, p.grad) for name, p in host.model.named_parameters() if p.requires_grad]
+        head.append(sum(float(g.pow(2).sum()) for name, g in grads if ".modules_to_save." in name) ** 0.5)
+        lora_b.append(sum(float(g.pow(2).sum()) for name, g in grads if ".lora_B." in name) ** 0.5)
+    return statistics.median(head), statistics.median(lora_b)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -90,7 +109,8 @@ def main() -> None:
     print(f"held-out {len(yt)} sentences, majority class {max(yt.mean(), 1 - yt.mean()):.3f}; clients "
           f"{[len(c) for c in data.clients]}; DP: epsilon {cfg.privacy.epsilon:g}, {cfg.federation.rounds} rounds x "
           f"{cfg.privacy.local_steps} steps of {cfg.privacy.batch_size}, head lr {cfg.privacy.optim.head_lr:g}")
-    print(f"{'pooling':<8} {'feature std':>11} {'mean/row norm':>13} {'ridge probe':>11} {'DP head eps=3 (median)':>24}")
+    print(f"{'pooling':<8} {'feature std':>11} {'mean/row norm':>13} {'ridge probe':>11} {'DP head eps=3 (median)':>24} "
+          f"{'grad norm head / LoRA B':>24}")
     model = load_base_model(cfg.model.name, len(data.label_names), cfg.seed, "cls")
     W0 = model.classifier.weight.detach().double().numpy()  # the same head init for both poolings (same seed)
     b0 = model.classifier.bias.detach().double().numpy()
@@ -102,7 +122,7 @@ def main() -> None:
         ratio = np.linalg.norm(X.mean(0)) / np.linalg.norm(X, axis=1).mean()
         dp = [dp_head(clients, test[pooling], yt, W0, b0, cfg, s) for s in range(args.seeds)]
         print(f"{pooling:<8} {X.std(0).mean():>11.3f} {ratio:>13.2f} {ridge_probe(X, y, test[pooling], yt):>11.3f} "
-              f"{statistics.median(dp):>15.3f} ({min(dp):.3f}-{max(dp):.3f})")
+              f"{statistics.median(dp):>15.3f} ({min(dp):.3f}-{max(dp):.3f}) {'%.3f / %.4f' % gradient_split(cfg, data, pooling):>24}")
 
 if __name__ == "__main__":
     main()

@@ -22,22 +22,21 @@ import torch
 from fedlora.client import collate
 from fedlora.config import load_config
 from fedlora.experiment import prepare_data
-from fedlora.models import load_base_model, load_tokenizer
+from fedlora.models import ModelHost, load_base_model, load_tokenizer, masked_mean
 from fedlora.privacy import calibrate_noise_multiplier
 
 
 def embed(model, data, pad_id: int) -> dict[str, np.ndarray]:
     """Both features from one forward pass of the encoder: the CLS pooler's output and the masked mean
-    (what `MaskedMeanPooler` computes; tests/test_pooling.py checks that equality)."""
+    (`models.masked_mean`, what `MaskedMeanPooler` returns)."""
     out = {"cls": [], "mean": []}
     with torch.inference_mode():
         for s in range(0, len(data), 256):
             batch = collate(data, np.arange(s, min(s + 256, len(data))), pad_id)
             batch.pop("labels")
             enc = model.bert(**batch)
-            mask = batch["attention_mask"].unsqueeze(-1).to(enc.last_hidden_state.dtype)
             out["cls"].append(enc.pooler_output.numpy())
-            out["mean"].append(((enc.last_hidden_state * mask).sum(1) / mask.sum(1)).numpy())
+            out["mean"].append(masked_mean(enc.last_hidden_state, batch["attention_mask"]).numpy())
     return {k: np.concatenate(v).astype(np.float64) for k, v in out.items()}
 
 
@@ -83,8 +82,6 @@ def dp_head(clients, Xt, yt, W0, b0, cfg, seed: int) -> float:
 
 def gradient_split(cfg, data, pooling: str, n: int = 32) -> tuple[float, float]:
     """Median per-example L2 gradient norm of (head, LoRA B) for the FFA-LoRA model at initialisation."""
-    from fedlora.models import ModelHost
-
     host = ModelHost(cfg.model_copy(update={"model": cfg.model.model_copy(update={"pooling": pooling})}),
                      len(data.label_names), {cfg.lora.rank})
     host.activate(cfg.lora.rank, train_A=False)
@@ -121,8 +118,10 @@ def main() -> None:
         X, y = np.concatenate([x for x, _ in clients]), np.concatenate([t for _, t in clients])
         ratio = np.linalg.norm(X.mean(0)) / np.linalg.norm(X, axis=1).mean()
         dp = [dp_head(clients, test[pooling], yt, W0, b0, cfg, s) for s in range(args.seeds)]
+        head, lora_b = gradient_split(cfg, data, pooling)
         print(f"{pooling:<8} {X.std(0).mean():>11.3f} {ratio:>13.2f} {ridge_probe(X, y, test[pooling], yt):>11.3f} "
-              f"{statistics.median(dp):>15.3f} ({min(dp):.3f}-{max(dp):.3f}) {'%.3f / %.4f' % gradient_split(cfg, data, pooling):>24}")
+              f"{statistics.median(dp):>15.3f} ({min(dp):.3f}-{max(dp):.3f}) {f'{head:.3f} / {lora_b:.4f}':>24}")
+
 
 if __name__ == "__main__":
     main()

@@ -107,7 +107,8 @@ def test_two_supernodes_with_tls_and_node_auth_train_ffa_mixed_ranks(deployment)
     cfg = load_config(config)
     adapter = run_dir / "adapter"
     meta = json.loads((adapter / "fedlora.json").read_text())
-    model = PeftModel.from_pretrained(load_base_model(cfg.model.name, meta["num_labels"], cfg.seed, meta["pooling"]), str(adapter))
+    base = load_base_model(cfg.model.name, meta["num_labels"], cfg.seed, meta["pooling"])
+    model = PeftModel.from_pretrained(base, str(adapter))
     accuracy = _accuracy(model, prepare_data(cfg, load_tokenizer(cfg.model.name)).test)
     assert accuracy > MAJORITY_CLASS
     assert abs(accuracy - rows[-1]["eval_accuracy"]) <= 1e-3  # the exported adapter is the evaluated model

@@ -109,8 +109,7 @@ def export_adapter(
     model.save_pretrained(str(path))
     (path / "fedlora.json").write_text(
         json.dumps({"model": cfg.model.name, "pooling": cfg.model.pooling, "num_labels": len(label_names),
-                    "label_names": label_names,
-                    "rank": rank, "strategy": cfg.strategy.name}, indent=2)
+                    "label_names": label_names, "rank": rank, "strategy": cfg.strategy.name}, indent=2)
     )
 
 

@@ -44,6 +44,12 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
+def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where `mask` is 1 (an all-padding row gives 0, not NaN)."""
+    mask = mask.to(hidden_states.dtype).unsqueeze(-1)
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
 class MaskedMeanPooler(torch.nn.Module):
     """Stands in for a BERT-style pooler: the attention-masked mean of the last hidden states.
 
@@ -59,10 +65,7 @@ class MaskedMeanPooler(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mask = self.mask
         self.mask = None  # one forward call only: a stale mask must never meet another batch
-        if mask is None:
-            return hidden_states.mean(dim=1)
-        mask = mask.to(hidden_states.dtype).unsqueeze(-1)
-        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return hidden_states.mean(dim=1) if mask is None else masked_mean(hidden_states, mask)
 
 
 def _attention_mask_to_pooler(pooler: MaskedMeanPooler):

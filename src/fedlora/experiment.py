@@ -108,8 +108,9 @@ def export_adapter(
         lora.set_head(model, "default", head)
     model.save_pretrained(str(path))
     (path / "fedlora.json").write_text(
-        json.dumps({"model": cfg.model.name, "pooling": cfg.model.pooling, "seed": cfg.seed, "num_labels": len(label_names),
-                    "label_names": label_names, "rank": rank, "strategy": cfg.strategy.name}, indent=2)
+        json.dumps({"model": cfg.model.name, "pooling": cfg.model.pooling, "seed": cfg.seed,
+                    "num_labels": len(label_names), "label_names": label_names, "rank": rank,
+                    "strategy": cfg.strategy.name}, indent=2)
     )
 
 

@@ -119,7 +119,7 @@ def specs(size: Size) -> list[RunSpec]:
     ]
 
 
-def _select(records: list[RunRecord], method: str, eps: float | None, head: str = "trained") -> list[RunRecord]:
+def _select(records: list[RunRecord], method: str, eps: float | None, head: str) -> list[RunRecord]:
     return [r for r in records
             if r.spec.label("method") == method and r.spec.label("epsilon") == eps and r.spec.label("head") == head]
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -222,6 +226,87 @@ def test_hub_dataset_unavailable_fails_fast_with_hint(monkeypatch):
     with pytest.raises(ValueError, match="could not load Hugging Face dataset fedlora-test/no-such-dataset") as info:
         load_text_dataset("fedlora-test/no-such-dataset")
     assert "rotten_tomatoes and bbc_news" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.fixture
+def silent_hub():
+    """A hub endpoint on 127.0.0.1 that accepts connections and never answers: any request the libraries send
+    to it times out and is retried for minutes. Closed (with every connection it held) after the test."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # closed: the test is over
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+# A process that loads an uncached hub id as `fedlora run` would and prints the error line as the CLI does.
+# "late-offline": the libraries read their settings before HF_HUB_OFFLINE is set (fedlora.models sets it when
+# it is imported), so only a check that enforces offline mode for the call itself keeps the load off the hub.
+# "silent-hub": no offline setting; the endpoint accepts connections but never answers.
+_LOAD_UNCACHED = """
+import os, sys
+if sys.argv[1] == "late-offline":
+    import datasets, huggingface_hub  # settings read now, while offline mode is off
+    os.environ["HF_HUB_OFFLINE"] = "1"
+from fedlora.data import load_text_dataset
+try:
+    load_text_dataset("fedlora-test/not-in-cache")
+except ValueError as exc:
+    print(f"fedlora: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["late-offline", "silent-hub"])
+def test_uncached_hub_id_fails_in_one_line_within_seconds(case, silent_hub, tmp_path: Path):
+    offline_vars = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {k: v for k, v in os.environ.items() if k not in offline_vars}
+    env.update(HF_ENDPOINT=silent_hub, HF_HOME=str(tmp_path / "hf"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    done = subprocess.run([sys.executable, "-c", _LOAD_UNCACHED, case], env=env, capture_output=True, text=True,
+                          timeout=50)  # the load itself takes seconds; retries against the silent hub take minutes
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+    assert lines[0].startswith("fedlora: error: could not load Hugging Face dataset fedlora-test/not-in-cache: ")
+    assert "not in the local cache" in lines[0] and "rotten_tomatoes and bbc_news" in lines[0]
+
+
+@pytest.mark.timeout(60)
+def test_hub_probe_needs_an_http_answer(silent_hub, monkeypatch):
+    from fedlora.data.hub import hub_reachable
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 - http.server's naming
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    answering = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=answering.serve_forever, daemon=True).start()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{answering.server_address[1]}")
+        assert hub_reachable(timeout=5.0)  # any status is an answer
+        monkeypatch.setenv("HF_ENDPOINT", silent_hub)
+        assert not hub_reachable(timeout=0.5)  # a connection is not an answer
+    finally:
+        answering.shutdown()
+        answering.server_close()
 
 
 def test_hub_path_loads_local_dataset_with_classlabel(tmp_path: Path, monkeypatch):

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = "fedlora-local"
 
@@ -184,21 +182,81 @@ class Deployment:
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every started process and its descendants by pid: SIGTERM, then SIGKILL after `grace`."""
-        victims: list[psutil.Process] = []
+        victims: dict[int, int] = {}  # pid -> start time, so that a pid reused meanwhile is never signalled
         for proc in self.procs.values():
-            try:
-                root = psutil.Process(proc.pid)
-                victims += root.children(recursive=True) + [root]  # children first read: they may detach
-            except psutil.NoSuchProcess:
-                pass
-        for p in victims:
-            _quiet(p.terminate)
-        _, alive = psutil.wait_procs(victims, timeout=grace)
-        for p in alive:
-            _quiet(p.kill)
-        psutil.wait_procs(alive, timeout=5)
+            for pid in [*_descendants(proc.pid), proc.pid]:  # children first read: they may detach
+                if (start := _start_time(pid)) is not None:
+                    victims[pid] = start
+        alive = self._signal(victims, signal.SIGTERM, grace)
+        self._signal(alive, signal.SIGKILL, 5.0)
         for proc in self.procs.values():
             proc.poll()
+
+    def _signal(self, victims: dict[int, int], sig: int, wait: float) -> dict[int, int]:
+        """Send `sig` to each live victim, wait up to `wait` seconds for them to exit; return those still alive."""
+        roots = {proc.pid for proc in self.procs.values()}
+        for pid, start in victims.items():
+            if _start_time(pid) != start:
+                continue
+            try:
+                if not _HAVE_PROC and pid in roots:
+                    os.killpg(pid, sig)  # no /proc (macOS): its process group stands in for its descendants
+                else:
+                    os.kill(pid, sig)
+            except OSError:  # gone meanwhile, or not ours
+                pass
+        deadline = time.monotonic() + wait
+        while True:
+            for proc in self.procs.values():
+                proc.poll()  # reap the ones that exited: a zombie counts as stopped
+            alive = {pid: start for pid, start in victims.items() if _start_time(pid) == start}
+            if not alive or time.monotonic() >= deadline:
+                return alive
+            time.sleep(0.2)
+
+
+_HAVE_PROC = Path("/proc/self/stat").exists()
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None if there is no such process."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].decode().split()
+
+
+def _start_time(pid: int) -> int | None:
+    """A live (not zombie) process's start time, which tells it from a later process with the same pid; None if
+    it is gone. Without /proc: 0 for any live pid."""
+    if not _HAVE_PROC:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return 0
+    fields = _stat(pid)
+    return None if fields is None or fields[0] in "ZX" else int(fields[19])
+
+
+def _descendants(root: int) -> list[int]:
+    """Every descendant of `root`, also those in a session of their own, children before grandchildren (Linux
+    /proc; empty without it)."""
+    if not _HAVE_PROC:
+        return []
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def _toml_value(v) -> str:
@@ -207,13 +265,6 @@ def _toml_value(v) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     return '"' + str(v).replace('"', "'") + '"'
-
-
-def _quiet(fn) -> None:
-    try:
-        fn()
-    except psutil.Error:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

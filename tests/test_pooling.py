@@ -23,6 +23,7 @@ def mean_model():
     return load_base_model(EMBEDDED_MODEL, 2, seed=0, pooling="mean")
 
 
+@pytest.mark.slow  # the real embedded model
 def test_mean_pooling_is_the_masked_mean_of_the_last_hidden_states(tok, mean_model):
     batch = tok(SENTENCES, padding=True, return_tensors="pt")
     assert int((batch["attention_mask"] == 0).sum()) > 0  # the batch really has padding
@@ -34,6 +35,7 @@ def test_mean_pooling_is_the_masked_mean_of_the_last_hidden_states(tok, mean_mod
     assert isinstance(mean_model.bert.pooler, MaskedMeanPooler) and mean_model.bert.pooler.mask is None
 
 
+@pytest.mark.slow  # the real embedded model
 def test_padding_never_changes_a_sentence_logits(tok, mean_model):
     """Alone (no padding) and beside a much longer sentence (padded): the same logits. An unmasked mean fails."""
     with torch.inference_mode():
@@ -42,6 +44,7 @@ def test_padding_never_changes_a_sentence_logits(tok, mean_model):
     torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # the real embedded model
 def test_positional_attention_mask_reaches_the_pooler(tok, mean_model):
     batch = tok(SENTENCES, padding=True, return_tensors="pt")
     with torch.inference_mode():
@@ -50,6 +53,7 @@ def test_positional_attention_mask_reaches_the_pooler(tok, mean_model):
     torch.testing.assert_close(by_keyword, by_position)
 
 
+@pytest.mark.slow  # the real embedded model
 def test_cls_pooling_keeps_the_model_pooler(tok):
     model = load_base_model(EMBEDDED_MODEL, 2, seed=0, pooling="cls")
     assert type(model.bert.pooler).__name__ == "BertPooler"

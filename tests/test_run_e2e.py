@@ -19,6 +19,8 @@ from fedlora.models import ModelHost, load_tokenizer
 from fedlora.runner import run_experiment
 from fedlora.server import Server
 
+pytestmark = pytest.mark.slow  # every test trains, or loads, the real embedded model
+
 TINY = [
     "federation.num_clients=3",
     "federation.rounds=2",

@@ -1,7 +1,7 @@
 """Client dropout and bad updates: the run goes on without them, names them in metrics.jsonl, charges privacy
 only to clients that trained, and stops with one clear line when fewer than min_clients valid updates remain.
 
-In-process (LocalRun), the real embedded MiniLM and rotten_tomatoes data at tiny sizes. Bad updates are
+In-process (fedlora.Run on engine=local), the real embedded MiniLM and rotten_tomatoes data at tiny sizes. Bad updates are
 injected by wrapping `ClientTrainer.train` and corrupting chosen clients' updates in chosen rounds.
 """
 
@@ -20,7 +20,7 @@ from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.cli import main
 from fedlora.client import ClientTrainer, Update
 from fedlora.config import RoundFailed, load_config
-from fedlora.engines.local import LocalRun
+from fedlora.federated_run import Run
 from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
 from fedlora.strategies import LoraFactors
@@ -34,9 +34,9 @@ TINY = [
 
 
 
-def local_run(tmp_path, *overrides: str) -> LocalRun:
+def local_run(tmp_path, *overrides: str) -> Run:
     cfg = load_config(None, TINY + list(overrides))
-    return LocalRun(cfg, tmp_path, RunProgress(enabled=False))
+    return Run(cfg, tmp_path, RunProgress(enabled=False))
 
 
 # -- dropout -------------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def test_dropout_run_completes_and_charges_epsilon_only_to_clients_that_trained(
         charged = {int(c): rep["dp_steps"] for c, rep in reports.items()}
         assert charged == {c: n * steps for c, n in trained_rounds.items() if n > 0}
     # The accountants the clients keep for the whole run agree with what the server recorded.
-    for c, dp in state["client_privacy"].items():
+    for c, dp in state["transport"]["client_privacy"].items():
         assert sum(n for _, _, n in dp["accountant"]["history"]) == trained_rounds[c] * steps, c
     # The reported epsilon is the largest over clients that trained, and nobody else has any.
     eps = {c: rep["epsilon"] for c, rep in run.server.privacy.items()}
@@ -162,7 +162,7 @@ def test_bad_updates_are_rejected_with_their_reason_and_the_run_completes(tmp_pa
         (2, 0): wrong_shape, (2, 2): huge_norm,
         (3, 1): rank_above, (3, 2): wrong_modules, (3, 0): lies_about_rank,
     }
-    monkeypatch.setattr(run.trainer, "train", corrupting(run.trainer, plan))
+    monkeypatch.setattr(run.engine.trainer, "train", corrupting(run.engine.trainer, plan))
     with pytest.raises(RoundFailed, match=r"round 3: only 0 valid updates"):
         run.run()  # round 3 corrupts all three clients: min_clients=1 cannot be met
     rows = read_metrics(tmp_path)
@@ -181,9 +181,9 @@ def test_bad_updates_are_rejected_with_their_reason_and_the_run_completes(tmp_pa
 
     # Round 3 again, with one corrupt client only: rejected, named, and the run completes.
     plan3 = {(3, 1): rank_above}
-    monkeypatch.setattr(run.trainer, "train", corrupting(run.trainer, plan3))
-    resumed = LocalRun.resume(run.cfg, tmp_path, RunProgress(enabled=False))
-    monkeypatch.setattr(resumed.trainer, "train", corrupting(resumed.trainer, plan3))
+    monkeypatch.setattr(run.engine.trainer, "train", corrupting(run.engine.trainer, plan3))
+    resumed = Run.resume(tmp_path, RunProgress(enabled=False), cfg=run.cfg)
+    monkeypatch.setattr(resumed.engine.trainer, "train", corrupting(resumed.engine.trainer, plan3))
     resumed.run()
     rows = read_metrics(tmp_path)
     assert [r["round"] for r in rows] == [1, 2, 3]

@@ -12,10 +12,10 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.config import load_config
-from fedlora.engines.flower import FlowerOptions
+from fedlora.engines.flower import FlowerOptions, run_deployment
 from fedlora.engines.flower_client import make_client_app
-from fedlora.engines.flower_server import FlowerRounds, FlowerRunError, ServerSide, map_nodes
-from fedlora.engines.local import LocalRun
+from fedlora.engines.flower_server import FlowerRunError, map_nodes, run_on_grid
+from fedlora.federated_run import Run
 from fedlora.experiment import make_run_dir
 from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
@@ -86,13 +86,13 @@ def _nodes(n: int) -> list[dict]:
 
 def _flower_run(cfg, run_dir, grid, options=None) -> list[dict]:
     make_run_dir(cfg, str(run_dir))
-    FlowerRounds(grid, ServerSide(cfg, QUIET), run_dir, QUIET, options or FlowerOptions(node_wait_s=0.0)).run()
+    run_on_grid(Run(cfg, run_dir, QUIET), grid, options or FlowerOptions(node_wait_s=0.0))
     return read_metrics(run_dir)
 
 
 def test_flora_base_deltas_reach_clients_and_match_the_local_engine(tmp_path):
     cfg = load_config(None, TINY + ["federation.num_clients=2", "federation.ranks=[2, 4]", "strategy.name=flora"])
-    LocalRun(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET).run()
+    Run(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET).run()
     grid = InProcessGrid(make_client_app(), _nodes(2))
     rows = _flower_run(cfg, tmp_path / "flower", grid, FlowerOptions(node_wait_s=0.0, federated_eval=True))
     local = read_metrics(tmp_path / "local")
@@ -148,3 +148,52 @@ def test_nodes_must_say_which_client_they_are():
     # A SuperNode restarted mid-run comes back under a new node id: only it is asked, and it takes over.
     grid = InProcessGrid(app, _nodes(2) + [{"partition-id": 0, "num-partitions": 2}])
     assert map_nodes(grid, cfg, FlowerOptions(node_wait_s=0.0), {0: 100, 1: 101}, QUIET) == {0: 102, 1: 101}
+
+
+class _Stop(Exception):
+    """Raised by a callback after a round's checkpoint: the ServerApp dies there."""
+
+
+@pytest.mark.parametrize("extra", [
+    ["strategy.name=flora", "federation.ranks=[2, 4]"],  # base deltas: fresh nodes must get the whole history
+    ["strategy.name=fedit", "privacy.mode=sample", "privacy.epsilon=3", "privacy.batch_size=8",
+     "privacy.local_steps=2"],  # DP: fresh nodes continue their accountant from the server's last report
+])
+def test_resumed_serverapp_on_fresh_nodes_equals_an_uninterrupted_run(tmp_path, extra):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    cfg = load_config(None, TINY + ["federation.num_clients=2", "federation.rounds=3", "output.save_adapter=true"]
+                      + extra)
+    reference = tmp_path / "reference"
+    run_on_grid(Run(cfg, make_run_dir(cfg, str(reference)), QUIET), InProcessGrid(make_client_app(), _nodes(2)),
+                FlowerOptions(node_wait_s=0.0))
+
+    def stop_after_round_1(row):
+        if row["round"] == 1:
+            raise _Stop
+
+    cut = tmp_path / "cut"
+    with pytest.raises(_Stop):
+        run_on_grid(Run(cfg, make_run_dir(cfg, str(cut)), QUIET, callbacks=[stop_after_round_1]),
+                    InProcessGrid(make_client_app(), _nodes(2)), FlowerOptions(node_wait_s=0.0))
+    assert not (cut / "summary.json").exists()
+    # A new ServerApp and new SuperNodes: nothing survives but the run folder. The ServerApp of `flwr run`
+    # with run config `resume = true` and `out` = the run folder.
+    fresh = InProcessGrid(make_client_app(), _nodes(2))
+    run_config = {"config": "", "overrides": "output.progress=false", "out": str(cut), "resume": True,
+                  "node-wait": 0.0, "round-timeout": 60.0}
+    run_deployment(fresh, Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+
+    a = load_file(cut / "adapter" / "adapter_model.safetensors")
+    b = load_file(reference / "adapter" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.max(np.abs(a[k].astype(np.float64) - b[k])) <= 1e-6, k
+    rows, ref = read_metrics(cut), read_metrics(reference)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for x, y in zip(rows, ref):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-6)
+        if "epsilon" in y:
+            assert y["epsilon"] > 0 and x["epsilon"] == pytest.approx(y["epsilon"], rel=1e-9)
+            assert x["dp_steps"] == y["dp_steps"]

@@ -7,8 +7,8 @@ import pytest
 from flower_procs import TAG_VAR, ProcessTag
 
 from fedlora.config import load_config
-from fedlora.engines.flower import FlowerSimRun
-from fedlora.engines.local import LocalRun
+from fedlora.engines.flower import FlowerSimEngine
+from fedlora.federated_run import Run
 from fedlora.experiment import make_run_dir
 from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
@@ -45,8 +45,9 @@ def raise_in_round_2_on_client_1(rnd: int, client: int) -> None:
 
 def test_local_and_flower_sim_give_the_same_rounds(tmp_path):
     cfg = load_config(None, TINY + ["federation.num_clients=2"])
-    local_sum = LocalRun(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET).run()
-    sim_sum = FlowerSimRun(cfg, make_run_dir(cfg, str(tmp_path / "sim")), QUIET).run()
+    local_sum = Run(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET).run()
+    sim_cfg = load_config(None, TINY + ["federation.num_clients=2", "engine=flower-sim"])
+    sim_sum = Run(sim_cfg, make_run_dir(sim_cfg, str(tmp_path / "sim")), QUIET).run()
     local, sim = read_metrics(tmp_path / "local"), read_metrics(tmp_path / "sim")
     assert len(local) == len(sim) == 2
     assert abs(local_sum["accuracy_before"] - sim_sum["accuracy_before"]) <= 1e-3
@@ -59,9 +60,9 @@ def test_local_and_flower_sim_give_the_same_rounds(tmp_path):
 
 
 def test_client_raising_mid_round_is_dropped_and_named(tmp_path):
-    cfg = load_config(None, TINY + ["federation.num_clients=3"])
-    run = FlowerSimRun(cfg, make_run_dir(cfg, str(tmp_path / "sim")), QUIET, fault=raise_in_round_2_on_client_1)
-    summary = run.run()
+    cfg = load_config(None, TINY + ["federation.num_clients=3", "engine=flower-sim"])
+    run = Run(cfg, make_run_dir(cfg, str(tmp_path / "sim")), QUIET)
+    summary = FlowerSimEngine(run, fault=raise_in_round_2_on_client_1).execute()
     rows = read_metrics(tmp_path / "sim")
     assert [r["clients"] for r in rows] == [[0, 1, 2], [0, 2]]
     assert rows[1]["dropped"] == [1] and "boom: client 1 crashed mid-round" in rows[1]["dropped_reasons"]["1"]

@@ -30,6 +30,14 @@ def _cfg(*overrides: str):
     return load_config(None, ["federation.num_clients=2", "federation.ranks=[2, 4]", *overrides])
 
 
+def _server(cfg, head=HEAD):
+    """A real fedlora Server over the toy modules: what a reply is decoded against."""
+    from fedlora.federated_run import build_strategy
+    from fedlora.server import Server
+
+    return Server(cfg, build_strategy(cfg, DIMS), DIMS, dict(head), [10] * cfg.federation.num_clients)
+
+
 def _factors(rank: int, cfg, rng) -> dict[str, LoraFactors]:
     A = shared_A(cfg, DIMS, rank)
     return {m: LoraFactors(A=A[m], B=rng.normal(size=(d_out, rank)).astype(np.float32), scale=cfg.lora.scale(rank))
@@ -76,8 +84,9 @@ def test_update_round_trip_and_bytes_follow_sends_A():
     update = Update(client_id=1, rank=4, factors=_factors(4, cfg, rng), head=HEAD, num_examples=17, train_loss=0.5,
                     steps=3, samples=48, train_s=0.25, next_rank=None,
                     privacy={"epsilon": 1.5, "accountant": {"h": [[1.0, 0.1, 3]]}})
-    for sends_A, lora_bytes in ((False, (6 + 7) * 4 * 4), (True, (6 + 7 + 5 + 5) * 4 * 4)):
-        up = decode_update(encode_update(update, sends_A, {"base-count": 2}), cfg, DIMS, sends_A)
+    for method, sends_A, lora_bytes in (("ffa", False, (6 + 7) * 4 * 4), ("rbla", True, (6 + 7 + 5 + 5) * 4 * 4)):
+        server = _server(_cfg(f"strategy.name={method}", "privacy.mode=sample", "privacy.epsilon=3"))
+        up = decode_update(encode_update(update, sends_A, {"base-count": 2}), server, 1)
         assert up.nbytes == lora_bytes + HEAD_BYTES and up.nbytes_head == HEAD_BYTES
         u = up.update
         assert (u.client_id, u.rank, u.num_examples, u.steps, u.samples, u.next_rank) == (1, 4, 17, 3, 48, None)
@@ -92,10 +101,11 @@ def test_malformed_reply_is_one_line_value_error():
     content = encode_update(update, True)
     content["lora"] = ArrayRecord({k: v for k, v in content["lora"].items() if not k.endswith(":A")})
     with pytest.raises(ValueError, match="malformed reply") as err:
-        decode_update(content, cfg, DIMS, sends_A=True)  # a method that sends A must not get the seeded one
+        # a method that sends A must not get the seeded one
+        decode_update(content, _server(_cfg("strategy.name=rbla"), head={}), 0)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="malformed reply"):
-        decode_update(RecordDict({}), cfg, DIMS, sends_A=False)
+        decode_update(RecordDict({}), _server(cfg), 0)
 
 
 def test_base_deltas_travel_as_factors_and_accumulate_on_the_node():
@@ -141,13 +151,14 @@ def test_simulation_backend_is_cpu_only_one_core_per_client():
 
 
 def test_a_node_tokenizes_exactly_its_partition_of_prepare_data():
-    from fedlora.engines.flower_client import partition_data
     from fedlora.experiment import prepare_data
+    from fedlora.tasks import get_task
     from fedlora.models import load_tokenizer
 
     cfg = load_config(None, ["federation.num_clients=3", "federation.partition=dirichlet", "data.max_length=24"])
     tok = load_tokenizer(cfg.model.name)
     full = prepare_data(cfg, tok)
+    partition_data = get_task(cfg.task).client_data
     for k in range(3):
         mine, names = partition_data(cfg, tok, k)
         assert names == full.label_names and np.array_equal(mine.labels, full.clients[k].labels)
@@ -157,10 +168,11 @@ def test_a_node_tokenizes_exactly_its_partition_of_prepare_data():
 
 
 def test_a_node_with_its_own_file_maps_labels_by_name(tmp_path):
-    from fedlora.engines.flower_client import _load_file
     from fedlora.models import load_tokenizer
+    from fedlora.tasks import get_task
 
     cfg = load_config(None, ["data.max_length=16"])
+    _load_file = get_task(cfg.task).file_data
     path = tmp_path / "mine.csv"
     path.write_text("text,label\ngreat film,positive\ndull and long,negative\nloved it,positive\n")
     data = _load_file(cfg, str(path), load_tokenizer(cfg.model.name), ["negative", "positive"])

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 from fedlora import checkpoint
 from fedlora.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fedlora.config import load_config
-from fedlora.engines.local import LocalRun
+from fedlora.federated_run import Run
 from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
 from fedlora.runner import run_experiment
@@ -161,8 +161,32 @@ def test_kill_and_resume_equals_an_uninterrupted_run(case, tmp_path):
         (cut / "checkpoint").mkdir(parents=True)
         for name in ("config.toml", "metrics.jsonl", f"checkpoint/{CHECKPOINT_FILE}"):
             (cut / name).write_bytes((reference / name).read_bytes())
-        LocalRun.resume(load_config(cut / "config.toml"), cut, RunProgress(enabled=False)).run()
+        Run.resume(cut, RunProgress(enabled=False)).run()
         assert_same_run(cut, reference, rounds, "resumed from the final checkpoint")
+
+
+@pytest.mark.slow
+def test_flower_sim_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """engine=flower-sim with sample-level DP: SIGKILL the whole simulation (ServerApp, Ray and its actors)
+    after a checkpoint; `fedlora resume` starts a new simulation whose nodes hold nothing, and still ends with
+    the same adapter and epsilon."""
+    from flower_procs import TAG_VAR, ProcessTag
+
+    rounds = 3
+    overrides = TINY + [f"federation.rounds={rounds}", "engine=flower-sim", "strategy.name=fedit",
+                        "privacy.mode=sample", "privacy.epsilon=3"]
+    tag = ProcessTag()  # the killed run's Ray processes are orphaned by SIGKILL: stopped by pid below
+    monkeypatch.setitem(ENV, TAG_VAR, tag.value)
+    run_dir = tmp_path / "killed"
+    try:
+        r, at = kill_at_round(run_dir, overrides, rounds, tmp_path)
+        tag.stop_all()
+        reference = run_experiment(load_config(None, overrides), out=tmp_path / "reference", quiet=True)
+        resume(run_dir, tmp_path)
+    finally:
+        tag.stop_all()
+    assert json.loads((reference / "summary.json").read_text())["final_epsilon"] > 0
+    assert_same_run(run_dir, reference, rounds, f"flower-sim: killed after checkpoint round {at} (aimed at {r})")
 
 
 # -- the checkpoint file -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from fedlora import lora
 from fedlora.client import ClientTrainer, evaluate
 from fedlora.config import load_config
-from fedlora.engines.local import build_strategy
+from fedlora.federated_run import build_strategy
 from fedlora.experiment import prepare_data
 from fedlora.metrics import read_metrics
 from fedlora.models import ModelHost, load_tokenizer

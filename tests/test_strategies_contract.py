@@ -409,3 +409,29 @@ def test_initial_factors_are_validated():
         get_strategy("ffa", initial_factors=bad)
     for name in NAMES:  # every method accepts the same construction call from the server
         get_strategy(name, scale_for_rank=scale, seed=3, initial_factors=initial())
+
+
+def test_the_contract_is_explicit_abstract_aggregate_and_no_op_client_hooks():
+    from fedlora.strategies import Strategy
+
+    with pytest.raises(TypeError, match="abstract"):
+        Strategy()  # aggregate must be implemented
+
+    class Minimal(Strategy):
+        def aggregate(self, updates, weights):
+            raise NotImplementedError
+
+    m = Minimal()
+    assert m.client_penalty == 0.0 and m.kept_slots(8) == 8 and m.pruned_rank(8, 1.0, 0.5) == 8
+    assert m.tail_norm(np.ones((8, 3)), np.ones((4, 8))) == 0.0
+    assert m.contribution_scales([4, 8], [2.0, 1.0]) == [1.0, 1.0]
+    assert not m.clients_change_rank and not m.per_slot_mean
+    # HetLoRA overrides exactly these hooks with its rule.
+    het = get_strategy("hetlora", gamma=0.5, lam=0.01)
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(8, 5)), rng.normal(size=(6, 8))
+    assert het.client_penalty == 0.01 and het.kept_slots(8) == 4 and het.clients_change_rank
+    assert het.tail_norm(A, B) == pytest.approx(np.linalg.norm(B[:, 4:]) * np.linalg.norm(A[4:]))
+    assert het.pruned_rank(8, 2.0, 1.0) == 4 and het.pruned_rank(8, 1.0, 2.0) == 8
+    # FFA's contribution to its B̄ is s_k / s_g (alpha/r: a rank-4 client weighs 2x among rank-8 ones).
+    assert get_strategy("ffa").contribution_scales([4, 8], [2.0, 1.0]) == [2.0, 1.0]

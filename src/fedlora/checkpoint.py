@@ -6,6 +6,7 @@ previous checkpoint intact (rename is atomic on POSIX file systems).
 
 from __future__ import annotations
 
+
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlora.errors import UserError
 from fedlora.strategies import LoraFactors
 
 CHECKPOINT_FILE = "state.npz"
@@ -83,10 +85,10 @@ def save_checkpoint(folder: Path, state: dict) -> Path:
 def load_checkpoint(folder: Path) -> dict:
     path = Path(folder) / CHECKPOINT_FILE
     if not path.exists():
-        raise ValueError(f"no checkpoint in {folder}")
+        raise UserError(f"no checkpoint in {folder}")
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data[_META]).decode())
             return unpack(meta, data)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # damaged or truncated file
-        raise ValueError(f"checkpoint {path} is unreadable: {exc}") from None
+        raise UserError(f"checkpoint {path} is unreadable: {exc}") from None

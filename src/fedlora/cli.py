@@ -1,16 +1,21 @@
-"""`fedlora run | resume | bench | report | export`: parse, validate, call the library.
+"""`fedlora run | resume | bench | report`: parse, validate, call the library.
 
-User errors (bad config, bad value, missing file) print one line on stderr and exit 2, never a traceback.
+User errors (bad config, bad value, missing file: `fedlora.errors.UserError`, and OSError) print one line on
+stderr and exit 2, never a traceback. Anything else is a bug: its traceback, a line saying so, exit 1.
 """
 
 from __future__ import annotations
 
+
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
+from fedlora.errors import UserError
 
 EXIT_USAGE = 2
+EXIT_BUG = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +58,7 @@ def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
         elif config is None:
             config = item
         else:
-            raise ValueError(f"unexpected argument {item!r}: give one config file and key=value overrides")
+            raise UserError(f"unexpected argument {item!r}: give one config file and key=value overrides")
     return config, overrides
 
 
@@ -75,9 +80,9 @@ def cmd_resume(args) -> int:
     run_dir = Path(args.run_dir)
     # Checked here, before the model and data are loaded for nothing.
     if not (run_dir / "config.toml").is_file():
-        raise ValueError(f"not a run folder (no config.toml): {run_dir}")
+        raise UserError(f"not a run folder (no config.toml): {run_dir}")
     if not (run_dir / "checkpoint" / "state.npz").is_file():
-        raise ValueError(f"no checkpoint in {run_dir}: the run stopped before its first round ended; start it again")
+        raise UserError(f"no checkpoint in {run_dir}: the run stopped before its first round ended; start it again")
     from fedlora.runner import resume_experiment
 
     resume_experiment(run_dir, quiet=args.quiet)
@@ -90,7 +95,7 @@ def cmd_report(args) -> int:
     dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:
         if not (d / "metrics.jsonl").exists():
-            raise ValueError(f"not a run folder (no metrics.jsonl): {d}")
+            raise UserError(f"not a run folder (no metrics.jsonl): {d}")
     out = compare_runs(dirs, Path(args.out) if args.out else dirs[0])
     print(out)
     return 0
@@ -108,23 +113,29 @@ def cmd_bench(args) -> int:
 COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "bench": cmd_bench}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fedlora.config import RoundFailed
+BUG_LINE = ("fedlora: internal error (a bug, not a mistake in your config): please report it with the "
+            "traceback above and your config.toml")
 
+
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, OSError, RoundFailed) as exc:
+    except (UserError, OSError) as exc:
         if os.environ.get("FEDLORA_DEBUG"):
             raise
-        # ConfigError is a ValueError: every user-facing error is one line and exit code 2. RoundFailed (too
-        # few valid updates) exits 2 as well, as the Flower engine's FlowerRunError (a ValueError) does.
+        # A mistake in the config, the command line, a file or the data (ConfigError, RoundFailed and the
+        # Flower engine's FlowerRunError are UserErrors), or a file the system refused: one line, exit 2.
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"fedlora: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fedlora: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # anything else is fedlora's fault: the whole traceback, then say so
+        traceback.print_exc()
+        print(BUG_LINE, file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ The same trainer runs in-process (engines/local.py) and inside a Flower ClientAp
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -62,6 +64,30 @@ def shuffled_batches(n: int, batch_size: int, steps: int, rng: np.random.Generat
         out.append(order[:batch_size])
         order = order[batch_size:]
     return out
+
+
+@dataclass
+class TrainingSession:
+    """What one client's local training runs on: its batches, the module that runs them, the optimizer."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: list[np.ndarray]
+    set_to_none: bool = True
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
+
+    def empty_step(self) -> None:
+        raise RuntimeError("an empty batch outside DP-SGD")  # shuffled batches are never empty
+
+
+@contextmanager
+def plain_session(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int, cfg: ExperimentConfig,
+                  rng: np.random.Generator) -> Iterator[TrainingSession]:
+    """Non-private training: reshuffled passes over the client's data."""
+    yield TrainingSession(model, optimizer, shuffled_batches(n, cfg.federation.batch_size,
+                                                             cfg.federation.local_steps, rng))
 
 
 @dataclass
@@ -121,6 +147,7 @@ class ClientTrainer:
         self.strategy = strategy
         self.pad_id = host.tokenizer.pad_token_id or 0
         self.dims = lora.module_dims(host.model)
+        self.task = host.task
 
     def load(self, down: Downlink, client_id: int) -> str:
         """Put the downlink into the adapter of the client's rank; return the adapter name."""
@@ -133,7 +160,7 @@ class ClientTrainer:
         return adapter
 
     def train(self, client_id: int, down: Downlink, data: EncodedData, dp=None) -> Update:
-        """Local training. `dp` (a `dp.SamplePrivacy`) switches to DP-SGD with that client's accountant."""
+        """Local training. `dp` (the client state of `dp.SampleLevelDP`) trains with DP-SGD and its accountant."""
         cfg = self.cfg
         adapter = self.load(down, client_id)
         params = self.host.activate(down.rank, train_A=self.strategy.trains_A)
@@ -141,24 +168,29 @@ class ClientTrainer:
         optimizer = make_optimizer(cfg, params, head)
         rng = np.random.default_rng([cfg.seed, down.round, client_id])
         model = self.host.model
-        # HetLoRA's tail penalty; under DP-SGD only the clipped, noised data gradient is used, so it is off.
-        hetlora = getattr(self.strategy, "client_penalty", None) if dp is None else None
-        tail_before = self._tail_norm(adapter) if hasattr(self.strategy, "pruned_rank") else None
+        # The strategy's client-side hooks (HetLoRA: a tail penalty, then self-pruning). Under DP-SGD only the
+        # clipped, noised data gradient is used, so the penalty is off.
+        penalty = self.strategy.client_penalty if dp is None else 0.0
+        tail_before = self._tail_norm(adapter) if self.strategy.clients_change_rank else None
 
         start = time.perf_counter()
         losses: list[float] = []
         samples = 0
-        if dp is not None:
-            losses, samples = dp.train(model, optimizer, data, self, rng, down.round, client_id)
-        else:
-            for idx in shuffled_batches(len(data), cfg.federation.batch_size, cfg.federation.local_steps, rng):
-                batch = collate(data, idx, self.pad_id)
-                loss = model(**batch).loss
-                if hetlora:
-                    loss = loss + self._hetlora_penalty(adapter)
+        # The one local training loop, whatever the privacy mode: the session decides the batches, the module
+        # that runs them and the optimizer (DP-SGD: Poisson batches, Opacus' per-example clipping and noise).
+        opened = dp.session(cfg, model, optimizer, len(data), rng, down.round, client_id) if dp is not None \
+            else plain_session(model, optimizer, len(data), cfg, rng)
+        with opened as session:
+            for idx in session.batches:
+                if len(idx) == 0:
+                    session.empty_step()  # an empty Poisson batch still takes a (noise-only) step
+                    continue
+                loss = session.module(**self.task.collate(data, idx, self.pad_id)).loss
+                if penalty:
+                    loss = loss + self._tail_penalty(adapter)
                 loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                session.optimizer.step()
+                session.zero_grad()
                 losses.append(float(loss.detach()))
                 samples += len(idx)
         train_s = time.perf_counter() - start
@@ -183,12 +215,12 @@ class ClientTrainer:
             privacy=dp.report() if dp is not None else {},
         )
 
-    # HetLoRA: penalty on the tail slots of the factors, so a client can prune its own rank.
+    # The tail penalty (HetLoRA): on the tail slots of the factors, so a client can prune its own rank.
     def _tail_norm(self, adapter: str) -> float:
         f = lora.get_factors(self.host.model, adapter)
         return float(sum(self.strategy.tail_norm(x.A, x.B) for x in f.values()))
 
-    def _hetlora_penalty(self, adapter: str) -> torch.Tensor:
+    def _tail_penalty(self, adapter: str) -> torch.Tensor:
         total = torch.zeros(())
         for layer in lora.lora_layers(self.host.model).values():
             A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
@@ -197,12 +229,23 @@ class ClientTrainer:
         return self.strategy.client_penalty * total
 
 
-@torch.inference_mode()
+def client_round(trainer: "ClientTrainer", client_id: int, down: Downlink, data: EncodedData, dp=None) -> Update | str:
+    """One client's round, the same on every engine: it sits out (returns why) when its next round would push
+    its DP budget past the target; otherwise it trains and returns its update."""
+    if dp is not None and not dp.can_train(trainer.cfg.local_steps()):
+        return f"privacy budget exhausted (epsilon={dp.target_epsilon})"
+    return trainer.train(client_id, down, data, dp=dp)
+
+
 def evaluate(host: ModelHost, adapter: str, data: EncodedData, batch_size: int) -> tuple[float, float]:
-    """Mean loss and accuracy of the active model on `data` (sorted by length so batches pad little)."""
-    model = host.model
-    model.set_adapter(adapter)
-    pad_id = host.tokenizer.pad_token_id or 0
+    """(mean loss, score) of the host's model with `adapter` active on `data`, as the run's task scores it."""
+    host.model.set_adapter(adapter)
+    return host.task.evaluate(host.model, data, batch_size, host.tokenizer.pad_token_id or 0)
+
+
+@torch.inference_mode()
+def evaluate_classifier(model: torch.nn.Module, data: EncodedData, batch_size: int, pad_id: int) -> tuple[float, float]:
+    """Mean loss and accuracy of a classifier on `data` (sorted by length so batches pad little)."""
     order = np.argsort([len(x) for x in data.input_ids], kind="stable")
     total_loss, correct = 0.0, 0
     for s in range(0, len(order), batch_size):

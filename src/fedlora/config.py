@@ -11,20 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedlora.strategies import available_strategies, get_strategy
+from fedlora.strategies.base import INTERNAL_OPTIONS, validate_options
+
+from fedlora.errors import ConfigError, RoundFailed, UserError  # noqa: F401  (re-exported)
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
-
-
-class ConfigError(ValueError):
-    """A user error in the config or the command line: one line, exit code 2."""
-
-
-class RoundFailed(RuntimeError):
-    """A round that cannot be aggregated (fewer than min_clients valid updates). Raised by server.py; here so
-    the CLI can catch it without importing torch."""
 
 
 class _Section(BaseModel):
@@ -71,11 +65,11 @@ class DataConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _path_for_files(self):
+    def _path_for_files(self, info: ValidationInfo):
         if self.name in ("csv", "jsonl"):
             if not self.path:
                 raise ValueError(f"data.path is required for data.name={self.name!r}")
-            if not Path(self.path).is_file():
+            if (info.context or {}).get("check_files", True) and not Path(self.path).is_file():
                 what = "is a folder, not a file" if Path(self.path).is_dir() else "no such file"
                 raise ValueError(f"data.path: {what}: {self.path}")
         return self
@@ -93,7 +87,17 @@ class FederationConfig(_Section):
     ranks: list[int] | None = None  # per-client LoRA ranks, cycled over clients; None: lora.rank for all
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of sampled clients that fail each round (testing)
     min_clients: int = Field(1, ge=1)
-    max_update_norm: float | None = Field(None, gt=0.0)  # server rejects updates whose L2 norm exceeds it
+    # The server rejects an update whose change (L2 over everything it sends) exceeds this. The default is far
+    # above any honest update of the embedded models (measured: below 30 for the default FFA run) and stops
+    # a client from moving the global model anywhere; raise it for much larger models or learning rates.
+    max_update_norm: float | None = Field(1e4, gt=0.0)
+    # With 3 or more valid updates, a change larger than this many times the round's median change is scaled
+    # down to it (norm bounding): no client dominates the aggregate by magnitude. None: off.
+    norm_bound_factor: float | None = Field(10.0, gt=1.0)
+    # Coordinate-wise robust aggregation for linear methods with one rank (ffa, fedit, zeropad): "median" or
+    # "trimmed-mean" (trim_fraction of the clients cut at each end, per coordinate). Weights are then ignored.
+    aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
 
     @field_validator("ranks")
     @classmethod
@@ -168,14 +172,17 @@ class StrategyConfig(_Section):
     @field_validator("options")
     @classmethod
     def _plain_options(cls, v):
-        # fedlora passes these itself (engines/local.py build_strategy; the seed is the top-level `seed`).
-        reserved = sorted(set(v) & {"scale_for_rank", "initial_factors", "seed"})
+        # fedlora passes these itself (federated_run.build_strategy; the seed is the top-level `seed`).
+        reserved = sorted(set(v) & set(INTERNAL_OPTIONS))
         if reserved:
             raise ValueError(f"{reserved} are set by fedlora, not by the config")
-        for k, x in v.items():
-            if isinstance(x, float) and not math.isfinite(x):
-                raise ValueError(f"{k} must be finite, got {x}")
         return v
+
+    @model_validator(mode="after")
+    def _typed_options(self):
+        # Each method's own options model (registered with it): types, bounds, no unknown option.
+        validate_options(self.name, self.options)
+        return self
 
 
 class OptimConfig(_Section):
@@ -244,6 +251,7 @@ class OutputConfig(_Section):
 class ExperimentConfig(_Section):
     seed: int = Field(0, ge=0, lt=2**32)  # numpy rejects negative seeds; offsets are added per round/client
     engine: Literal["local", "flower-sim"] = "local"
+    task: str = "classification"  # what is learned: fedlora.tasks (data, model class, head, score)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
@@ -254,6 +262,15 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v):
+        from fedlora.tasks import available_tasks
+
+        if v not in available_tasks():
+            raise ValueError(f"unknown task {v!r}; available: {', '.join(available_tasks())}")
+        return v
+
     @model_validator(mode="after")
     def _cross_checks(self):
         ranks = set(self.federation.client_ranks(self.lora.rank))
@@ -261,6 +278,12 @@ class ExperimentConfig(_Section):
             strategy = get_strategy(self.strategy.name, **self.strategy.options)
         except (TypeError, AttributeError, ValueError) as exc:  # unknown option, wrong type (gamma = "x"), range
             raise ValueError(f"strategy.options: {exc}") from None
+        if self.federation.aggregation != "mean":
+            why = ("it needs a linear method" if not strategy.linear else "it needs one rank for all clients"
+                   if len(ranks) > 1 else "client-level DP's clip and noise assume the mean"
+                   if self.privacy.mode == "client" else None)
+            if why:
+                raise ValueError(f"federation.aggregation={self.federation.aggregation!r} does not fit this run: {why}")
         if len(ranks) > 1 and not strategy.supports_mixed_ranks:
             raise ValueError(
                 f"strategy {self.strategy.name!r} cannot aggregate clients of different ranks "
@@ -350,7 +373,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
     for item in overrides:
         _set_dotted(tree, *parse_override(item))
+    return validate_tree(tree)
+
+
+def validate_tree(tree: dict[str, Any], check_files: bool = True) -> ExperimentConfig:
+    """A config from a nested dict. `check_files=False`: data files need not exist here (a Flower node that
+    was sent the server's config and reads its own data)."""
     try:
-        return ExperimentConfig.model_validate(tree)
+        return ExperimentConfig.model_validate(tree, context={"check_files": check_files})
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlora import lora
-from fedlora.client import EncodedData, encode
+from fedlora.client import EncodedData
 from fedlora.config import ExperimentConfig
 from fedlora.strategies import LoraFactors
 
@@ -25,28 +25,10 @@ class FederatedData:
 
 
 def prepare_data(cfg: ExperimentConfig, tokenizer) -> FederatedData:
-    """Load, split (fixed stratified held-out test set no client trains on), partition and tokenize."""
-    from fedlora.data import load_text_dataset, partition_indices, partition_stats, stratified_split
+    """The run's data as its task prepares it: a fixed held-out set, one tokenized partition per client."""
+    from fedlora.tasks import get_task
 
-    d = cfg.data
-    ds, report = load_text_dataset(d.name, path=d.path, text_column=d.text_column, label_column=d.label_column)
-    train, test = stratified_split(ds, d.test_fraction, seed=cfg.seed)
-    if d.max_eval_examples is not None and len(test) > d.max_eval_examples:
-        keep = np.random.default_rng(cfg.seed).choice(len(test), d.max_eval_examples, replace=False)
-        test = test.subset(np.sort(keep))
-    fed = cfg.federation
-    parts = partition_indices(
-        train.labels, fed.num_clients, fed.partition, alpha=fed.alpha, seed=cfg.seed,
-        label_fractions=fed.label_fractions,
-    )
-    train_enc = encode(tokenizer, train.texts, train.labels, d.max_length)
-    return FederatedData(
-        clients=[train_enc.subset(p) for p in parts],
-        test=encode(tokenizer, test.texts, test.labels, d.max_length),
-        label_names=list(ds.label_names),
-        partition_stats=partition_stats(train.labels, parts),
-        load_summary=report.summary(),
-    )
+    return get_task(cfg.task).prepare_data(cfg, tokenizer)
 
 
 def make_run_dir(cfg: ExperimentConfig, out: str | None) -> Path:
@@ -86,7 +68,8 @@ def export_adapter(
     """
     from peft import get_peft_model
 
-    from fedlora.models import load_base_model, lora_config
+    from fedlora.models import lora_config
+    from fedlora.tasks import get_task
 
     if base_delta:
         total = {n: base_delta.get(n, 0) + f.delta() for n, f in factors.items()}
@@ -101,16 +84,15 @@ def export_adapter(
         lcfg.lora.alpha, lcfg.lora.rslora = float(rank), False  # scale 1: B carries Σ
     else:
         lcfg = cfg
-    base = load_base_model(cfg.model.name, len(label_names), cfg.seed, cfg.model.pooling)
+    task = get_task(cfg.task)
+    base = task.base_model(cfg, len(label_names))
     model = get_peft_model(base, lora_config(lcfg, rank))
     lora.set_factors(model, "default", lora.with_scale(factors, lcfg.lora.scale(rank)))
     if head:
         lora.set_head(model, "default", head)
     model.save_pretrained(str(path))
     (path / "fedlora.json").write_text(
-        json.dumps({"model": cfg.model.name, "pooling": cfg.model.pooling, "seed": cfg.seed,
-                    "num_labels": len(label_names), "label_names": label_names, "rank": rank,
-                    "strategy": cfg.strategy.name}, indent=2)
+        json.dumps({**task.export_meta(cfg, label_names), "rank": rank, "strategy": cfg.strategy.name}, indent=2)
     )
 
 
@@ -130,8 +112,6 @@ def metrics_row(
     `traffic` = (bytes_up, bytes_up_head, bytes_down) measured on the wire by an engine that has one (Flower);
     otherwise the server's count of the tensors sent is used.
     """
-    from fedlora.dp import privacy_metrics
-
     bytes_up, bytes_up_head, bytes_down = traffic or (outcome.bytes_up, outcome.bytes_up_head, outcome.bytes_down)
     samples = sum(u.samples for u in updates)
     train_s = sum(u.train_s for u in updates)
@@ -155,7 +135,7 @@ def metrics_row(
         "samples_per_s": samples / train_s if train_s > 0 else None,
         "wall_s": wall_s,
     }
-    row.update(privacy_metrics(cfg, server.privacy))
+    row.update(server.mechanism.metrics(server))
     return row
 
 
@@ -181,6 +161,8 @@ def run_summary(cfg: ExperimentConfig, server, rows: list[dict], before: tuple[f
         "num_clients": cfg.federation.num_clients,
         "client_ranks": cfg.client_ranks(),
         "test_examples": len(data.test),
+        # What always predicting the most frequent held-out label scores: the floor "learned" is read against.
+        "majority_accuracy": float(np.bincount(data.test.labels).max() / max(len(data.test), 1)),
         "partition": data.partition_stats,
         "dropped_total": sum(len(r.get("dropped", [])) for r in rows),
         **extra,

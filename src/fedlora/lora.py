@@ -86,16 +86,19 @@ def merge_base_delta(model: torch.nn.Module, deltas: dict[str, np.ndarray]) -> N
 
     GPT-2 style Conv1D layers store the weight transposed (fan_in_fan_out), so the delta is transposed there.
     """
+    from fedlora.strategies import merge_into_weight  # the layout rule, in one place
+
     layers = lora_layers(model)
-    for name, delta in deltas.items():
-        layer = layers[name]
-        weight = layer.get_base_layer().weight
-        d = torch.from_numpy(np.asarray(delta, dtype=np.float32))
-        if getattr(layer, "fan_in_fan_out", False):
-            d = d.T
-        if tuple(d.shape) != tuple(weight.shape):
-            raise ValueError(f"module {name}: delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
-        weight.add_(d.to(weight.dtype))
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            layer = layers[name]
+            weight = layer.get_base_layer().weight
+            try:
+                merged = merge_into_weight(weight.detach().cpu().numpy(), np.asarray(delta, dtype=np.float32),
+                                           bool(getattr(layer, "fan_in_fan_out", False)))
+            except ValueError as exc:
+                raise ValueError(f"module {name}: {exc}") from None
+            weight.copy_(torch.from_numpy(merged).to(weight.device, weight.dtype))
 
 
 def module_dims(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

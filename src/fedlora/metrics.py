@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+
 import json
 import math
 from pathlib import Path
+from fedlora.errors import UserError
 
 
 def _clean(value):
@@ -44,7 +46,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break  # a kill in the middle of the last write: that round was never checkpointed
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+            raise UserError(f"{path}: line {i + 1} is not valid JSON") from None
     return rows
 
 

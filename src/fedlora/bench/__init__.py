@@ -14,10 +14,12 @@ Suite modules are imported on demand, so importing this package stays light (the
 
 from __future__ import annotations
 
+
 import importlib
 import json
 import time
 from pathlib import Path
+from fedlora.errors import UserError
 
 SUITES: dict[str, str] = {
     "paper-ffa": "fedlora.bench.paper_ffa",
@@ -40,12 +42,12 @@ def run_suite(suite: str, out: Path, quick: bool = False, size: str | None = Non
     from rich.console import Console
 
     if suite not in SUITES:
-        raise ValueError(f"unknown bench suite {suite!r}; available: {', '.join(available_suites())}")
+        raise UserError(f"unknown bench suite {suite!r}; available: {', '.join(available_suites())}")
     size = size or ("quick" if quick else "full")
     if size not in SIZES:
-        raise ValueError(f"unknown bench size {size!r}; available: {', '.join(SIZES)}")
+        raise UserError(f"unknown bench size {size!r}; available: {', '.join(SIZES)}")
     if jobs < 1:
-        raise ValueError(f"bench jobs must be >= 1, got {jobs}")
+        raise UserError(f"bench jobs must be >= 1, got {jobs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, soft_wrap=True)  # progress on stderr: stdout carries only the report path

@@ -24,7 +24,7 @@ def _fedlora_trainer(mode: str, rank: int, batch_size: int, steps: int, max_leng
     from fedlora import lora
     from fedlora.client import ClientTrainer, Downlink
     from fedlora.config import load_config
-    from fedlora.engines.local import build_strategy
+    from fedlora.federated_run import build_strategy
     from fedlora.models import ModelHost
 
     cfg = load_config(None, [

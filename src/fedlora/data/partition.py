@@ -7,10 +7,12 @@ from the labels (plus an ``idx`` column that maps partition rows back to positio
 
 from __future__ import annotations
 
+
 import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from fedlora.errors import UserError
 
 # Random draws that can fail (a Dirichlet client below min_size, a label-skew label left on no client)
 # are restarted with seeds derived from the user's seed, at most this many times. flwr-datasets itself
@@ -44,24 +46,24 @@ def partition_indices(
     labels = _check_labels(labels)
     n = len(labels)
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)):
-        raise ValueError(f"num_clients must be an integer, got {num_clients!r}")
+        raise UserError(f"num_clients must be an integer, got {num_clients!r}")
     if not 1 <= num_clients <= n:
-        raise ValueError(f"num_clients must lie in 1..{n} (the number of training rows), got {num_clients}")
+        raise UserError(f"num_clients must lie in 1..{n} (the number of training rows), got {num_clients}")
     fn = _SCHEMES.get(scheme)
     if fn is None:
-        raise ValueError(f"unknown partition scheme '{scheme}'; known: {', '.join(_SCHEMES)}")
+        raise UserError(f"unknown partition scheme '{scheme}'; known: {', '.join(_SCHEMES)}")
     if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+        raise UserError(f"alpha must be > 0, got {alpha}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     if min_size < 0:
-        raise ValueError(f"min_size must be >= 0, got {min_size}")
+        raise UserError(f"min_size must be >= 0, got {min_size}")
     if num_clients * min_size > n:
-        raise ValueError(f"{num_clients} clients cannot each get min_size={min_size} of {n} rows")
+        raise UserError(f"{num_clients} clients cannot each get min_size={min_size} of {n} rows")
     if label_fractions is not None and scheme != "fractions":
-        raise ValueError(f"label_fractions is only used by scheme 'fractions', not '{scheme}'")
+        raise UserError(f"label_fractions is only used by scheme 'fractions', not '{scheme}'")
     if classes_per_client is not None and scheme != "label-skew":
-        raise ValueError(f"classes_per_client is only used by scheme 'label-skew', not '{scheme}'")
+        raise UserError(f"classes_per_client is only used by scheme 'label-skew', not '{scheme}'")
 
     parts = fn(
         labels, int(num_clients), alpha=float(alpha), seed=int(seed), min_size=int(min_size),
@@ -91,9 +93,9 @@ def partition_stats(labels: np.ndarray, parts: Sequence[np.ndarray], num_labels:
 def _check_labels(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
-        raise ValueError("labels must be a non-empty 1-D array of label ids")
+        raise UserError("labels must be a non-empty 1-D array of label ids")
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise ValueError("labels must be non-negative integer label ids")
+        raise UserError("labels must be non-negative integer label ids")
     return labels.astype(np.int64)
 
 
@@ -117,7 +119,7 @@ def _restart_seed(seed: int, restart: int) -> int:
 def _check_min_size(parts: list[np.ndarray], min_size: int, scheme: str) -> list[np.ndarray]:
     smallest = min(len(p) for p in parts)
     if smallest < min_size:
-        raise ValueError(
+        raise UserError(
             f"{scheme} partition gives a client {smallest} rows, below min_size={min_size}; use fewer clients"
         )
     return parts
@@ -152,7 +154,7 @@ def _dirichlet(
                 return _collect(partitioner, num_clients)
         except ValueError as exc:
             last_error = str(exc)
-    raise ValueError(
+    raise UserError(
         f"dirichlet partition (alpha={alpha}, {num_clients} clients, {len(labels)} rows) left a client below "
         f"min_size={min_size} in {RESTARTS * 11} draws ({last_error.splitlines()[0]}); "
         "raise alpha or lower num_clients/min_size"
@@ -167,9 +169,9 @@ def _label_skew(
     present = np.unique(labels)
     k = classes_per_client if classes_per_client is not None else min(2, len(present) - 1)
     if not 1 <= k <= len(present):
-        raise ValueError(f"classes_per_client must lie in 1..{len(present)} (labels present), got {k}")
+        raise UserError(f"classes_per_client must lie in 1..{len(present)} (labels present), got {k}")
     if num_clients * k < len(present):
-        raise ValueError(
+        raise UserError(
             f"label-skew with {num_clients} clients x {k} classes each cannot cover {len(present)} labels; "
             "use more clients or classes_per_client"
         )
@@ -188,7 +190,7 @@ def _label_skew(
         if sum(len(p) for p in parts) == len(labels):
             break
     else:
-        raise ValueError(
+        raise UserError(
             f"label-skew with {num_clients} clients x {k} classes left a label on no client in {RESTARTS} draws; "
             "use more clients or classes_per_client"
         )
@@ -216,7 +218,7 @@ def _fractions(
             break
         size -= 1
     if size < max(min_size, 1):
-        raise ValueError(f"fractions partition: label counts {counts.tolist()} allow clients of only {size} rows")
+        raise UserError(f"fractions partition: label counts {counts.tolist()} allow clients of only {size} rows")
 
     rng = np.random.default_rng(seed)
     pools = [rng.permutation(np.flatnonzero(labels == k)) for k in range(fractions.shape[1])]
@@ -233,19 +235,19 @@ def _fractions(
 
 def _check_fractions(label_fractions, num_clients: int, labels: np.ndarray) -> np.ndarray:
     if label_fractions is None:
-        raise ValueError("scheme 'fractions' needs label_fractions: one list of label proportions per client")
+        raise UserError("scheme 'fractions' needs label_fractions: one list of label proportions per client")
     try:
         fractions = np.asarray(label_fractions, dtype=np.float64)
     except ValueError:
-        raise ValueError("label_fractions must be a rectangular list of lists of numbers") from None
+        raise UserError("label_fractions must be a rectangular list of lists of numbers") from None
     if fractions.ndim != 2 or fractions.shape[0] != num_clients:
-        raise ValueError(f"label_fractions needs {num_clients} rows (one per client), got shape {fractions.shape}")
+        raise UserError(f"label_fractions needs {num_clients} rows (one per client), got shape {fractions.shape}")
     if fractions.shape[1] <= int(labels.max()):
-        raise ValueError(f"label_fractions rows need {int(labels.max()) + 1} entries (one per label id)")
+        raise UserError(f"label_fractions rows need {int(labels.max()) + 1} entries (one per label id)")
     if not np.all(np.isfinite(fractions)) or np.any(fractions < 0):
-        raise ValueError("label_fractions must be finite and non-negative")
+        raise UserError("label_fractions must be finite and non-negative")
     if not np.allclose(fractions.sum(axis=1), 1.0, atol=1e-6):
-        raise ValueError(f"each row of label_fractions must sum to 1, got sums {fractions.sum(axis=1).tolist()}")
+        raise UserError(f"each row of label_fractions must sum to 1, got sums {fractions.sum(axis=1).tolist()}")
     return fractions
 
 

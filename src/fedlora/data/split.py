@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+
 import numpy as np
 
 from .types import TextDataset
+from fedlora.errors import UserError
 
 
 def stratified_split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -15,7 +17,7 @@ def stratified_split_indices(labels: np.ndarray, test_fraction: float, seed: int
     """
     labels = np.asarray(labels).reshape(-1)
     if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+        raise UserError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
     n = len(labels)
     classes, counts = np.unique(labels, return_counts=True)
     exact = test_fraction * counts
@@ -29,7 +31,7 @@ def stratified_split_indices(labels: np.ndarray, test_fraction: float, seed: int
             n_test[k] += 1
             spare -= 1
     if n_test.sum() == 0 or n_test.sum() == n:
-        raise ValueError(f"test_fraction={test_fraction} leaves an empty train or test set for {n} rows")
+        raise UserError(f"test_fraction={test_fraction} leaves an empty train or test set for {n} rows")
 
     rng = np.random.default_rng(seed)
     test_parts = []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from fedlora.errors import UserError
 
 
 @dataclass
@@ -21,12 +23,12 @@ class TextDataset:
         self.label_names = [str(n) for n in self.label_names]
         labels = np.asarray(self.labels)
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+            raise UserError(f"labels must be integers, got dtype {labels.dtype}")
         self.labels = labels.astype(np.int64).reshape(-1)
         if len(self.labels) != len(self.texts):
-            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+            raise UserError(f"{len(self.texts)} texts but {len(self.labels)} labels")
         if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= len(self.label_names)):
-            raise ValueError(f"label ids must lie in 0..{len(self.label_names) - 1}")
+            raise UserError(f"label ids must lie in 0..{len(self.label_names) - 1}")
 
     def __len__(self) -> int:
         return len(self.texts)

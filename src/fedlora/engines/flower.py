@@ -1,16 +1,18 @@
 """Flower engine: the same federation on Flower's simulation runtime (`engine=flower-sim`) and on a real
 SuperLink/SuperNode deployment (`flwr run . <connection>`).
 
-- `FlowerSimRun(cfg, run_dir, progress).run()`: Flower's simulation runtime in this process (Ray backend,
-  one CPU per client, no GPU). Same contract as `engines.local.LocalRun`.
+- `FlowerSimEngine(run).execute()`: `run.loop` on Flower's simulation runtime in this process (Ray backend,
+  one CPU per client, no GPU); `Run(cfg with engine="flower-sim", ...).run()` picks it.
 - `serverapp` / `clientapp`: the components `[tool.flwr.app.components]` names. The ServerApp reads the
   fedlora config from the run config (`config`: a fedlora TOML, `overrides`: "key=value key=value", `out`:
-  the run folder); the ClientApp gets the resolved config with each instruction.
-The round logic is fedlora's `Server` (flower_server.py), the training fedlora's `ClientTrainer`
-(flower_client.py); what travels is in flower_wire.py.
+  the run folder, `resume`: continue the run in `out` from its checkpoint); the ClientApp gets the resolved
+  config with each instruction.
+The round loop is `fedlora.Run.loop`, the transport `flower_server.FlowerTransport`, the training fedlora's
+`ClientTrainer` (flower_client.py); what travels is in flower_wire.py.
 """
 
 from __future__ import annotations
+
 
 from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
 
@@ -24,12 +26,14 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora.errors import UserError
 from fedlora.config import ExperimentConfig
 from fedlora.engines.flower_client import Fault, make_client_app
-from fedlora.engines.flower_server import FlowerOptions, FlowerRounds, FlowerRunError, ServerSide, one_line
+from fedlora.engines.flower_server import FlowerOptions, FlowerRunError, one_line, run_on_grid
 from fedlora.progress import RunProgress
+from fedlora.federated_run import Run
 
-__all__ = ["FlowerOptions", "FlowerRunError", "FlowerSimRun", "clientapp", "serverapp"]
+__all__ = ["FlowerOptions", "FlowerRunError", "FlowerSimEngine", "clientapp", "serverapp"]
 
 
 def simulation_backend_config(num_clients: int, cpus_per_client: int = 1) -> dict[str, Any]:
@@ -47,23 +51,19 @@ def simulation_backend_config(num_clients: int, cpus_per_client: int = 1) -> dic
     }
 
 
-class FlowerSimRun:
-    """One experiment on Flower's simulation runtime, in this process. `run()` returns the summary dict."""
+class FlowerSimEngine:
+    """engine=flower-sim: the run's loop inside a ServerApp on Flower's simulation runtime, in this process.
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, progress: RunProgress,
-                 options: FlowerOptions | None = None, fault: Fault | None = None):
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.progress = progress
+    The run (config, data, model) is built before Ray starts, so their errors surface first. `fault` (tests)
+    makes chosen clients raise inside the ClientApp.
+    """
+
+    def __init__(self, run: Run, options: FlowerOptions | None = None, fault: Fault | None = None):
+        self.run = run
         self.options = options or FlowerOptions()
-        self.fault = fault  # tests: make chosen clients raise inside the ClientApp
-        self.side = ServerSide(cfg, progress)  # config, data and model errors surface before Ray starts
+        self.fault = fault
 
-    @classmethod
-    def resume(cls, cfg: ExperimentConfig, run_dir: Path, progress: RunProgress) -> "FlowerSimRun":
-        raise ValueError("resume is not supported on engine=flower-sim yet; rerun, or resume with engine=local")
-
-    def run(self) -> dict:
+    def execute(self) -> dict:
         from flwr.simulation import run_simulation
 
         result: dict[str, Any] = {}
@@ -72,8 +72,8 @@ class FlowerSimRun:
         @app.main()
         def _main(grid: Grid, context: Context) -> None:
             try:
-                result["summary"] = FlowerRounds(grid, self.side, self.run_dir, self.progress, self.options).run()
-            except Exception as exc:  # surfaced below as one line, not as a Flower traceback
+                result["summary"] = run_on_grid(self.run, grid, self.options)
+            except BaseException as exc:  # re-raised below, outside Flower's thread
                 result["error"] = exc
 
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: silences Ray's GPU env tip
@@ -84,17 +84,14 @@ class FlowerSimRun:
             run_simulation(
                 server_app=app,
                 client_app=make_client_app(self.fault),
-                num_supernodes=self.cfg.federation.num_clients,
+                num_supernodes=self.run.cfg.federation.num_clients,
                 backend_name="ray",
-                backend_config=simulation_backend_config(self.cfg.federation.num_clients),
+                backend_config=simulation_backend_config(self.run.cfg.federation.num_clients),
             )
         finally:
             flwr_log.setLevel(level)
         if "error" in result:
-            exc = result["error"]
-            if isinstance(exc, ValueError):
-                raise FlowerRunError(one_line(str(exc))) from None
-            raise FlowerRunError(f"flower-sim: {type(exc).__name__}: {one_line(str(exc))}") from exc
+            raise result["error"]  # user errors stay ValueErrors (one line); bugs keep their traceback
         if "summary" not in result:
             raise FlowerRunError("flower-sim: the ServerApp ended without a result (see the log above)")
         return result["summary"]
@@ -108,7 +105,7 @@ def _find_config(path: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise ValueError(f"run config: fedlora config file not found: {path}")
+    raise UserError(f"run config: fedlora config file not found: {path}")
 
 
 def split_overrides(text: str) -> list[str]:
@@ -131,15 +128,22 @@ def config_from_run_config(run_config) -> tuple[ExperimentConfig, str | None, Fl
 
 
 def run_deployment(grid: Grid, context: Context) -> dict:
+    """The ServerApp of `flwr run`: a new run in `out` (or output.dir/<strategy>-<time>), or, with
+    `resume = true`, the run in `out` continued from its last checkpoint (a ServerApp restarted mid-run)."""
     from fedlora.experiment import make_run_dir
     from fedlora.report import plot_run
 
     cfg, out, options = config_from_run_config(context.run_config)
-    run_dir = make_run_dir(cfg, out)
     progress = RunProgress(enabled=cfg.output.progress)
-    progress.note(f"run folder: {run_dir.resolve()}")
-    summary = FlowerRounds(grid, ServerSide(cfg, progress), run_dir, progress, options).run()
-    plot_run(run_dir)
+    if bool(context.run_config.get("resume", False)):
+        if not out:
+            raise UserError("run config: resume = true needs out = the run folder to continue")
+        run = Run.resume(out, progress)
+    else:
+        run = Run(cfg, make_run_dir(cfg, out), progress)
+    progress.note(f"run folder: {run.run_dir.resolve()}")
+    summary = run_on_grid(run, grid, options)
+    plot_run(run.run_dir)
     return summary
 
 
@@ -150,7 +154,7 @@ serverapp = ServerApp()
 def _serverapp_main(grid: Grid, context: Context) -> None:
     try:
         run_deployment(grid, context)
-    except ValueError as exc:  # config, data or federation error: one clear line in the run's log ...
+    except UserError as exc:  # config, data or federation error: one clear line in the run's log ...
         line = one_line(str(exc))
         print(f"fedlora: error: {line}", file=sys.stderr, flush=True)
         # ... and an exception, so that Flower marks the run failed with this line as its details.

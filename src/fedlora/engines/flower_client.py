@@ -8,6 +8,7 @@ model is loaded once and shared by the nodes the process serves (Ray actors in s
 
 from __future__ import annotations
 
+
 from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
 
 import hashlib
@@ -15,7 +16,6 @@ import json
 import time
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,8 +23,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora.errors import UserError
 from fedlora import lora
-from fedlora.client import ClientTrainer, EncodedData, encode, evaluate
+from fedlora.client import ClientTrainer, EncodedData, client_round, evaluate
 from fedlora.config import ExperimentConfig
 from fedlora.engines.flower_wire import BaseEntry, decode_base_entries, decode_downlink, encode_update
 from fedlora.models import ModelHost
@@ -39,13 +40,16 @@ Fault = Callable[[int, int], None]  # (round, client id) -> None; raises to make
 
 
 def config_from_toml(text: str) -> ExperimentConfig:
-    return ExperimentConfig.model_validate(tomllib.loads(text))
+    """The server's resolved config. Its data.path is the server's: a node reads its own data (node config)."""
+    from fedlora.config import validate_tree
+
+    return validate_tree(tomllib.loads(text), check_files=False)
 
 
 def node_partition(node_config) -> tuple[int, int | None]:
     """(partition id, number of partitions) of this SuperNode; one clear line if it was started without them."""
     if PARTITION_KEY not in node_config:
-        raise ValueError(f"this SuperNode has no {PARTITION_KEY}: "
+        raise UserError(f"this SuperNode has no {PARTITION_KEY}: "
                          "start it with --node-config 'partition-id=K num-partitions=N'")
     n = node_config.get(NUM_PARTITIONS_KEY)
     return int(node_config[PARTITION_KEY]), None if n is None else int(n)
@@ -70,12 +74,14 @@ class ClientRuntime:
         path = node_config.get(DATA_PATH_KEY)
         if path:
             if path not in self.files:
-                self.files[path] = _load_file(self.cfg, str(path), self.host.tokenizer, self.label_names)
+                self.files[path] = self.host.task.file_data(self.cfg, str(path), self.host.tokenizer, self.label_names)
             return self.files[path]
         if client_id not in self.partitions:
-            data, names = partition_data(self.cfg, self.host.tokenizer, client_id)
+            # This client's share as the server partitions it, tokenizing only this share (a ClientApp
+            # process per round in deployment: the rest would be wasted work).
+            data, names = self.host.task.client_data(self.cfg, self.host.tokenizer, client_id)
             if list(names) != list(self.label_names):
-                raise ValueError(f"labels differ from the server's: {names} vs {self.label_names}")
+                raise UserError(f"labels differ from the server's: {names} vs {self.label_names}")
             self.partitions[client_id] = data
         return self.partitions[client_id]
 
@@ -106,7 +112,7 @@ def runtime_for(config_toml: str, label_names: list[str]) -> ClientRuntime:
         _RUNTIMES.clear()  # one experiment per process at a time: free the previous model
         t0 = time.perf_counter()
         cfg = config_from_toml(config_toml)
-        from fedlora.engines.local import build_strategy
+        from fedlora.federated_run import build_strategy
 
         torch.manual_seed(cfg.seed)
         host = ModelHost(cfg, len(label_names), set(cfg.client_ranks()))
@@ -114,36 +120,6 @@ def runtime_for(config_toml: str, label_names: list[str]) -> ClientRuntime:
         trainer = ClientTrainer(cfg, host, strategy)
         _RUNTIMES[key] = ClientRuntime(cfg, host, trainer, list(label_names), time.perf_counter() - t0)
     return _RUNTIMES[key]
-
-
-def partition_data(cfg: ExperimentConfig, tokenizer, client_id: int) -> tuple[EncodedData, list[str]]:
-    """This client's share of the configured dataset, as `experiment.prepare_data` splits and partitions it,
-    tokenizing only this share (a ClientApp process per round in deployment: the rest is wasted work)."""
-    from fedlora.data import load_text_dataset, partition_indices, stratified_split
-
-    d, fed = cfg.data, cfg.federation
-    if not 0 <= client_id < fed.num_clients:
-        raise ValueError(f"partition-id {client_id} outside 0..{fed.num_clients - 1}")
-    ds, _ = load_text_dataset(d.name, path=d.path, text_column=d.text_column, label_column=d.label_column)
-    train, _ = stratified_split(ds, d.test_fraction, seed=cfg.seed)
-    parts = partition_indices(train.labels, fed.num_clients, fed.partition, alpha=fed.alpha, seed=cfg.seed,
-                              label_fractions=fed.label_fractions)
-    idx = np.asarray(parts[client_id])
-    return encode(tokenizer, [train.texts[i] for i in idx], train.labels[idx], d.max_length), list(ds.label_names)
-
-
-def _load_file(cfg: ExperimentConfig, path: str, tokenizer, label_names: list[str]) -> EncodedData:
-    """A node's own labelled CSV/JSONL file, its labels mapped by name onto the federation's label ids."""
-    from fedlora.data import load_text_dataset
-
-    kind = "jsonl" if Path(path).suffix.lower() in (".jsonl", ".json") else "csv"
-    ds, _ = load_text_dataset(kind, path=path, text_column=cfg.data.text_column, label_column=cfg.data.label_column)
-    index = {name: i for i, name in enumerate(label_names)}
-    unknown = sorted(set(ds.label_names) - set(index))
-    if unknown:
-        raise ValueError(f"{path}: labels {unknown[:3]} are not among the federation's labels {label_names}")
-    mapping = np.array([index[n] for n in ds.label_names])
-    return encode(tokenizer, ds.texts, mapping[np.asarray(ds.labels)], cfg.data.max_length)
 
 
 # -- node state (context.state) ---------------------------------------------------------------------------------
@@ -162,20 +138,27 @@ def store_base(state: RecordDict, new: dict[int, BaseEntry]) -> list[BaseEntry]:
                 record[f"{i}|{m}:B"], record[f"{i}|{m}:A"] = Array(B), Array(A)
         state[BASE_STATE] = record
     if sorted(entries) != list(range(len(entries))):
-        raise ValueError(f"base-delta history has gaps: {sorted(entries)}")
+        raise UserError(f"base-delta history has gaps: {sorted(entries)}")
     return [entries[i] for i in range(len(entries))]
 
 
-def load_privacy(cfg: ExperimentConfig, state: RecordDict, num_examples: int):
+def load_privacy(cfg: ExperimentConfig, state: RecordDict, num_examples: int, server_report: str = ""):
     """This client's sample-level DP state (`dp.SamplePrivacy`): resumed from the node's state, else calibrated
-    once for the whole run, as the local engine does. None without sample-level DP."""
-    if cfg.privacy.mode != "sample":
-        return None
-    from fedlora.dp import SamplePrivacy
+    once for the whole run, as the local engine does. None without sample-level DP.
+
+    A node without state of its own (a resumed run, a restarted SuperNode) continues from the accountant in
+    the server's last report of this client (`server_report`, JSON), so its epsilon is not reset to zero."""
+    from fedlora.dp import MECHANISMS, SamplePrivacy
+    from fedlora.privacy import ClientAccountant
 
     if PRIVACY_STATE in state:
         return SamplePrivacy.from_state_dict(json.loads(str(state[PRIVACY_STATE]["state"])))
-    return SamplePrivacy.for_client(cfg, num_examples)
+    dp = MECHANISMS[cfg.privacy.mode].client_state(cfg, num_examples)
+    if dp is None:
+        return None
+    if server_report:
+        dp.accountant = ClientAccountant.from_state_dict(json.loads(server_report)["accountant"])
+    return dp
 
 
 def save_privacy(state: RecordDict, dp) -> None:
@@ -194,7 +177,7 @@ def _instruction(msg: Message) -> tuple[ClientRuntime, int]:
 def _check_node(context: Context, client_id: int) -> None:
     pid, _ = node_partition(context.node_config)
     if pid != client_id:
-        raise ValueError(f"instruction for client {client_id} reached the node of partition {pid}")
+        raise UserError(f"instruction for client {client_id} reached the node of partition {pid}")
 
 
 def handle_train(msg: Message, context: Context, fault: Fault | None = None) -> Message:
@@ -206,17 +189,16 @@ def handle_train(msg: Message, context: Context, fault: Fault | None = None) -> 
     ins = msg.content["instruction"]
     entries = store_base(context.state, decode_base_entries(msg.content))
     if len(entries) < int(ins["base-from"]) + int(ins["base-count"]):
-        raise ValueError("base-delta history incomplete on this node")
+        raise UserError("base-delta history incomplete on this node")
     rt.sync_base(entries)
     strategy = rt.trainer.strategy
     down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, strategy.sends_A)
     if fault is not None:
         fault(down.round, client_id)
-    dp = load_privacy(rt.cfg, context.state, len(data))
-    if dp is not None and not dp.can_train(rt.cfg.local_steps()):
-        reason = f"privacy budget exhausted (epsilon={dp.target_epsilon})"
-        return Message(RecordDict({"skip": ConfigRecord({"reason": reason})}), reply_to=msg)
-    update = rt.trainer.train(client_id, down, data, dp=dp)
+    dp = load_privacy(rt.cfg, context.state, len(data), str(ins.get("privacy-state", "") or ""))
+    update = client_round(rt.trainer, client_id, down, data, dp)
+    if isinstance(update, str):  # it sits out (privacy budget)
+        return Message(RecordDict({"skip": ConfigRecord({"reason": update})}), reply_to=msg)
     save_privacy(context.state, dp)
     extra = {"base-count": len(entries), "setup-s": setup_s}
     return Message(encode_update(update, strategy.sends_A, extra), reply_to=msg)

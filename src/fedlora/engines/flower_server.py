@@ -1,38 +1,35 @@
-"""The fedlora ServerApp loop over a Flower Grid: fedlora's `Server` decides, Flower carries the messages.
+"""The Flower transport of a `fedlora.Run`: the run's loop decides, Flower carries the messages.
 
-Per round: sample clients and draw simulated failures (as the local engine does, same RNG), send each
-sampled client's node its own rank's downlink, wait for replies with a timeout, go on with the valid ones
-(`Server.finish_round` enforces federation.min_clients), merge base deltas, evaluate centrally on the
-held-out set. Clients that crash, time out or send malformed payloads are listed in the row's `dropped`.
+Per round the run samples clients; this transport sends each sampled client's node its own rank's downlink,
+waits for replies with a timeout and decodes them. Clients that crash, time out or send malformed payloads
+come back as `dropped` with a reason. Merged base deltas are kept factored and sent to every node that has not
+confirmed them yet (also after a resume, when nodes start empty).
 """
 
 from __future__ import annotations
 
+
 from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
 
+import json
+import math
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora import lora
-from fedlora.client import Update
-from fedlora.config import ExperimentConfig
+from fedlora.errors import UserError
+from fedlora.config import ExperimentConfig, RoundFailed
 from fedlora.engines.flower_client import NUM_PARTITIONS_KEY, PARTITION_KEY
-from fedlora.engines.flower_wire import BaseEntry, decode_update, encode_downlink
-from fedlora.engines.local import build_strategy
-from fedlora.experiment import FederatedData, evaluate_global, dense_to_factors, export_adapter, metrics_row, prepare_data, run_summary
-from fedlora.metrics import MetricsWriter, write_summary
-from fedlora.models import ModelHost, adapter_name, load_tokenizer
+from fedlora.engines.flower_wire import BadReply, BaseEntry, decode_update, encode_downlink
+from fedlora.experiment import dense_to_factors
 from fedlora.progress import RunProgress
-from fedlora.server import Server
+from fedlora.federated_run import RoundReplies, Run, Transport
 
 
-class FlowerRunError(ValueError):
+class FlowerRunError(UserError):
     """A federation that cannot go on (no nodes, too few valid replies): one line, non-zero exit."""
 
 
@@ -43,35 +40,17 @@ class FlowerOptions:
     federated_eval: bool = False  # also evaluate the global adapter on each client's own data every round
 
 
+def _clamped(x, lo: float, hi: float, default: float) -> float:
+    """A number a client reported, within [lo, hi]; `default` when it is not a finite number."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return default
+    return min(max(float(x), lo), hi)
+
+
 def one_line(text: str, limit: int = 300) -> str:
     lines = [x.strip() for x in str(text).strip().splitlines() if x.strip()]
     line = lines[-1] if lines else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-class ServerSide:
-    """The server's model (central evaluation, merges), held-out data and fedlora `Server`, built once."""
-
-    def __init__(self, cfg: ExperimentConfig, progress: RunProgress):
-        self.cfg = cfg
-        torch.manual_seed(cfg.seed)
-        self.data: FederatedData = prepare_data(cfg, load_tokenizer(cfg.model.name))
-        progress.note(self.data.load_summary)
-        self.host = ModelHost(cfg, len(self.data.label_names), set(cfg.client_ranks()))
-        dims = lora.module_dims(self.host.model)
-        self.strategy = build_strategy(cfg, dims)
-        r_max = max(cfg.client_ranks())
-        self.server = Server(cfg, self.strategy, dims, lora.get_head(self.host.model, adapter_name(r_max)),
-                             [len(c) for c in self.data.clients])
-        self.base_log: list[BaseEntry] = []  # every merged delta, factored: what late clients still need
-
-    def evaluate_global(self) -> tuple[float, float]:
-        return evaluate_global(self.cfg, self.host, self.server, self.data.test)
-
-    def merge(self, base_delta: dict[str, np.ndarray]) -> None:
-        lora.merge_base_delta(self.host.model, base_delta)
-        # Clients get the merged delta as exact low-rank factors, not as dense matrices.
-        self.base_log.append({m: dense_to_factors(d) for m, d in base_delta.items()})
 
 
 # -- nodes ------------------------------------------------------------------------------------------------------
@@ -111,89 +90,106 @@ def map_nodes(grid: Grid, cfg: ExperimentConfig, options: FlowerOptions, known: 
 
 
 # -- rounds -----------------------------------------------------------------------------------------------------
-@dataclass
-class RoundTraffic:
-    updates: list[Update]
-    dropped: dict[int, str]
-    bytes_up: int = 0
-    bytes_up_head: int = 0
-    bytes_down: int = 0
-    setup_s: float = 0.0
+class FlowerTransport(Transport):
+    """Moves one run's downlinks and updates over a Flower Grid (simulation or deployment)."""
 
-
-class FlowerRounds:
-    """Drives the rounds of one run over a Grid and writes the run folder like the local engine."""
-
-    def __init__(self, grid: Grid, side: ServerSide, run_dir: Path, progress: RunProgress, options: FlowerOptions):
-        self.grid, self.side, self.cfg = grid, side, side.cfg
-        self.run_dir, self.progress, self.options = Path(run_dir), progress, options
-        self.config_toml = self.cfg.to_toml()
-        self.nodes: dict[int, int] = {}
+    def __init__(self, grid: Grid, options: FlowerOptions):
+        self.grid, self.options = grid, options
+        self.nodes: dict[int, int] = {}  # client id -> node id
         self.acked: dict[int, int] = {}  # node id -> base-delta entries the node confirmed holding
+        self.base_log: list[BaseEntry] = []  # every merged delta, factored: what late clients still need
+        self.primed: set[int] = set()  # nodes that got an instruction from this process
+        self.rounds_here = 0
 
-    def _instruction(self, client_id: int, node: int, kind: str) -> tuple[Message, int]:
-        side = self.side
-        start = self.acked.get(node, 0)
-        payload = encode_downlink(self.cfg, side.server.downlink(client_id), client_id, side.strategy.sends_A,
-                                  side.base_log[start:], start, self.config_toml, side.data.label_names)
-        msg = Message(payload.content, dst_node_id=node, message_type=kind, group_id=str(side.server.round + 1))
-        return msg, payload.nbytes
+    # -- Transport ---------------------------------------------------------------------------------------------
+    def open(self, run: Run) -> None:
+        self.config_toml = run.cfg.to_toml()
+        self.nodes = map_nodes(self.grid, run.cfg, self.options, self.nodes, run.progress)
 
-    def train_round(self) -> tuple[list[int], RoundTraffic]:
-        server = self.side.server
-        sampled = server.sample_clients()
-        traffic = RoundTraffic([], {c: "dropped out (simulated failure)" for c in server.draw_dropouts(sampled)})
+    def begin_round(self, run: Run) -> None:
+        if self.rounds_here:  # a SuperNode that (re)connected since: ask it which client it is, without waiting
+            now = replace(self.options, node_wait_s=0.0)
+            self.nodes = map_nodes(self.grid, run.cfg, now, self.nodes, run.progress)
+        self.rounds_here += 1
+
+    def train(self, run: Run, clients: list[int]) -> RoundReplies:
+        server = run.server
+        replies = RoundReplies([], {}, extra={"client_setup_s": 0.0})
+        up = down = up_head = 0
         sent: dict[int, int] = {}  # node -> client
         messages = []
-        for c in sampled:
-            if c in traffic.dropped:
-                continue
+        for c in clients:
             if c not in self.nodes:
-                traffic.dropped[c] = "no SuperNode serves this client"
+                replies.dropped[c] = "no SuperNode serves this client"
                 continue
-            msg, nbytes = self._instruction(c, self.nodes[c], MessageType.TRAIN)
+            msg, nbytes = self._instruction(run, c, self.nodes[c], MessageType.TRAIN)
             messages.append(msg)
             sent[self.nodes[c]] = c
-            traffic.bytes_down += nbytes
-        self.progress.start_round(server.round + 1, len(messages) * self.cfg.local_steps())
-        replies = list(self.grid.send_and_receive(messages, timeout=self.options.round_timeout_s)) if messages else []
+            down += nbytes
+        answers = list(self.grid.send_and_receive(messages, timeout=self.options.round_timeout_s)) if messages else []
         answered = set()
-        for reply in replies:
+        for reply in answers:
             node = int(reply.metadata.src_node_id)
             c = sent.get(node)
             if c is None:
                 continue
             answered.add(node)
             if reply.has_error():
-                traffic.dropped[c] = f"client failed: {one_line(reply.error.reason)}"
+                replies.dropped[c] = f"client failed: {one_line(reply.error.reason)}"
                 continue
             if "skip" in reply.content:  # e.g. its privacy budget would be exceeded: it sits out
-                traffic.dropped[c] = str(reply.content["skip"]["reason"])
+                replies.dropped[c] = str(reply.content["skip"]["reason"])
                 continue
             try:
-                up = decode_update(reply.content, self.cfg, server.dims, self.side.strategy.sends_A)
-            except ValueError as exc:
-                traffic.dropped[c] = one_line(str(exc))
+                payload = decode_update(reply.content, server, c)
+            except BadReply as exc:
+                replies.dropped[c] = one_line(str(exc))
                 continue
-            if up.update.client_id != c:
-                traffic.dropped[c] = f"reply claims client {up.update.client_id}"
-                continue
-            traffic.updates.append(up.update)
-            traffic.bytes_up += up.nbytes
-            traffic.bytes_up_head += up.nbytes_head
-            traffic.setup_s += float(up.metrics.get("setup-s", 0.0))
-            self.acked[node] = int(up.metrics.get("base-count", self.acked.get(node, 0)))
-            self.progress.advance(up.update.steps)
+            replies.updates.append(payload.update)
+            up += payload.nbytes
+            up_head += payload.nbytes_head
+            replies.extra["client_setup_s"] += _clamped(payload.metrics.get("setup-s"), 0.0, 1e6, 0.0)
+            # What the node says it holds, never more than what exists (a lie only costs it a resend).
+            self.acked[node] = int(_clamped(payload.metrics.get("base-count"), 0, len(self.base_log),
+                                            self.acked.get(node, 0)))
+            run.progress.advance(payload.update.steps)
         for node, c in sent.items():
             if node not in answered:
-                traffic.dropped[c] = f"no reply within {self.options.round_timeout_s:g}s"
-        # Aggregate in client order, as the local engine does: float sums then agree bit for bit.
-        traffic.updates.sort(key=lambda u: u.client_id)
-        return sampled, traffic
+                replies.dropped[c] = f"no reply within {self.options.round_timeout_s:g}s"
+        replies.traffic = (up, up_head, down)
+        return replies
 
-    def federated_eval(self) -> float | None:
+    def merged(self, run: Run, base_delta: dict[str, np.ndarray]) -> None:
+        # Clients get the merged delta as exact low-rank factors, not as dense matrices.
+        self.base_log.append({m: dense_to_factors(d) for m, d in base_delta.items()})
+
+    def round_metrics(self, run: Run) -> dict:
+        return {"client_eval_accuracy": self.federated_eval(run)} if self.options.federated_eval else {}
+
+    def state_dict(self) -> dict:
+        return {"base_log": [{m: [B, A] for m, (B, A) in entry.items()} for entry in self.base_log]}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Nodes of a restarted federation hold nothing: every node is sent the whole history again.
+        self.base_log = [{m: (B, A) for m, (B, A) in entry.items()} for entry in state.get("base_log", [])]
+        self.acked = {}
+
+    # -- messages ----------------------------------------------------------------------------------------------
+    def _instruction(self, run: Run, client_id: int, node: int, kind: str) -> tuple[Message, int]:
+        start = self.acked.get(node, 0)
+        # A node this process has not instructed yet may have lost its state (a resumed run, a restarted
+        # SuperNode): it gets the client's last privacy report, so its DP accountant continues, not restarts.
+        privacy = run.server.privacy.get(client_id) if node not in self.primed else None
+        self.primed.add(node)
+        payload = encode_downlink(run.cfg, run.server.downlink(client_id), client_id, run.strategy.sends_A,
+                                  self.base_log[start:], start, self.config_toml, run.data.label_names,
+                                  privacy_state=json.dumps(privacy) if privacy else "")
+        msg = Message(payload.content, dst_node_id=node, message_type=kind, group_id=str(run.server.round + 1))
+        return msg, payload.nbytes
+
+    def federated_eval(self, run: Run) -> float | None:
         """Weighted mean accuracy of the global adapter on every mapped client's own data."""
-        messages = [self._instruction(c, node, MessageType.EVALUATE)[0] for c, node in sorted(self.nodes.items())]
+        messages = [self._instruction(run, c, node, MessageType.EVALUATE)[0] for c, node in sorted(self.nodes.items())]
         total, correct = 0, 0.0
         for reply in self.grid.send_and_receive(messages, timeout=self.options.round_timeout_s):
             if reply.has_error():
@@ -203,45 +199,10 @@ class FlowerRounds:
             correct += float(m["eval-accuracy"]) * int(m["num-examples"])
         return correct / total if total else None
 
-    def run(self) -> dict:
-        cfg, side, server = self.cfg, self.side, self.side.server
-        self.nodes = map_nodes(self.grid, cfg, self.options, self.nodes, self.progress)
-        writer = MetricsWriter(self.run_dir)
-        loss0, acc0 = side.evaluate_global()
-        self.progress.note(f"held-out accuracy before training: {acc0:.4f} ({len(side.data.test)} examples)")
-        rows: list[dict] = []
-        for _ in range(server.round, cfg.federation.rounds):
-            t_round = time.perf_counter()
-            if rows:  # a SuperNode that (re)connected since: ask it which client it is, without waiting
-                now = replace(self.options, node_wait_s=0.0)
-                self.nodes = map_nodes(self.grid, cfg, now, self.nodes, self.progress)
-            sampled, traffic = self.train_round()
-            try:
-                outcome = server.finish_round(traffic.updates, sampled)
-            except RuntimeError as exc:
-                why = "; ".join(f"client {c}: {r}" for c, r in sorted(traffic.dropped.items()))
-                raise FlowerRunError(f"{exc}" + (f" ({why})" if why else "")) from None
-            if outcome.base_delta:
-                side.merge(outcome.base_delta)
-            eval_loss, eval_acc = side.evaluate_global()
-            row = metrics_row(
-                cfg, server, outcome, traffic.updates, sampled, traffic.dropped, (eval_loss, eval_acc),
-                time.perf_counter() - t_round, traffic=(traffic.bytes_up, traffic.bytes_up_head, traffic.bytes_down),
-            )
-            row["client_setup_s"] = traffic.setup_s
-            if self.options.federated_eval:
-                row["client_eval_accuracy"] = self.federated_eval()
-            writer.write(row)
-            rows.append(row)
-            self.progress.end_round(row)
-        return self._finish(rows, (loss0, acc0))
 
-    def _finish(self, rows: list[dict], before: tuple[float, float]) -> dict:
-        cfg, side, server = self.cfg, self.side, self.side.server
-        rank, factors = server.global_eval_factors()
-        if cfg.output.save_adapter:
-            export_adapter(cfg, self.run_dir / "adapter", rank, factors, server.head, server.base_delta,
-                           side.data.label_names)
-        summary = run_summary(cfg, server, rows, before, side.data)
-        write_summary(self.run_dir, summary)
-        return summary
+def run_on_grid(run: Run, grid: Grid, options: FlowerOptions) -> dict:
+    """`run.loop` over Flower; a round without enough valid replies ends it with one line."""
+    try:
+        return run.loop(FlowerTransport(grid, options))
+    except RoundFailed as exc:
+        raise FlowerRunError(str(exc)) from None

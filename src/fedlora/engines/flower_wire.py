@@ -10,6 +10,7 @@ from __future__ import annotations
 from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,9 +89,11 @@ class DownPayload:
 def encode_downlink(
     cfg: ExperimentConfig, down: Downlink, client_id: int, sends_A: bool,
     base_entries: list[BaseEntry], base_from: int, config_toml: str, label_names: list[str],
+    privacy_state: str = "",
 ) -> DownPayload:
     """A train instruction for one client: its rank's factors (in the client's own scale, so both engines hand
-    the trainer the same float32 values), the head, the base deltas it has not received yet, and the config."""
+    the trainer the same float32 values), the head, the base deltas it has not received yet, and the config.
+    `privacy_state`: the client's last privacy report (JSON), for a node that may have lost its own."""
     factors = lora.with_scale(down.factors, cfg.lora.scale(down.rank)) if down.factors else {}
     arrays, meta = _factors_record(factors, with_A=sends_A)
     head = _head_record(down.head)
@@ -103,7 +106,7 @@ def encode_downlink(
         "instruction": ConfigRecord({
             "round": down.round, "rank": down.rank, "client-id": client_id,
             "base-from": base_from, "base-count": len(base_entries), "config": config_toml,
-            "label-names": list(label_names),
+            "label-names": list(label_names), "privacy-state": privacy_state,
         }),
     })
     return DownPayload(content, _nbytes(arrays, head, base))
@@ -157,23 +160,128 @@ class UpPayload:
     metrics: dict
 
 
-def decode_update(
-    content: RecordDict, cfg: ExperimentConfig, dims: dict[str, tuple[int, int]], sends_A: bool
-) -> UpPayload:
-    """Update from a reply. Raises ValueError (one line) on a malformed payload; value checks are the Server's."""
+FLOAT_DTYPES = {"float16", "float32", "float64"}
+_NPY_HEADER = 4096  # bytes an .npy header may take beyond the values
+MAX_REPORT = 1 << 20  # bytes of a privacy report (JSON)
+
+
+class BadReply(ValueError):
+    """A reply the server refuses: one line naming what is wrong."""
+
+
+def _expected_array(arrays, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The float array under `key`, of exactly `shape`, cast to float32. Declared type, shape and byte size
+    are checked before anything is parsed, so a reply cannot make the server allocate more than it expects."""
+    if key not in arrays:
+        raise BadReply(f"{key} missing")
+    arr = arrays[key]
+    if not isinstance(arr, Array) or arr.stype != "numpy.ndarray":
+        raise BadReply(f"{key}: not a NumPy array record")
+    if str(arr.dtype) not in FLOAT_DTYPES:
+        raise BadReply(f"{key}: dtype {str(arr.dtype)[:20]} is not a float type")
+    if tuple(arr.shape) != tuple(shape):
+        raise BadReply(f"{key}: shape {tuple(arr.shape)[:4]} differs from the expected {tuple(shape)}")
+    if not isinstance(arr.data, bytes) or len(arr.data) > int(np.prod(shape, dtype=np.int64)) * 8 + _NPY_HEADER:
+        raise BadReply(f"{key}: payload larger than a float array of shape {tuple(shape)}")
     try:
-        mt = dict(content["metrics"])
-        rank = int(mt["rank"])
-        factors = _read_factors(content["lora"], content["lora-meta"], None if sends_A else shared_A(cfg, dims, rank))
-        head = _read_head(content.get("head"))
-        privacy = json.loads(str(content["privacy"]["report"])) if "privacy" in content else {}
-        update = Update(
-            client_id=int(mt["client-id"]), rank=rank, factors=factors, head=head,
-            num_examples=int(mt["num-examples"]), train_loss=float(mt["train-loss"]), steps=int(mt["steps"]),
-            samples=int(mt["samples"]), train_s=float(mt["train-s"]),
-            next_rank=None if int(mt["next-rank"]) < 0 else int(mt["next-rank"]), privacy=privacy,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"malformed reply: {type(exc).__name__}: {exc}") from None
-    head_bytes = _nbytes(content["head"]) if "head" in content else 0
-    return UpPayload(update, _nbytes(content["lora"]) + head_bytes, head_bytes, mt)
+        value = arr.numpy()
+    except Exception as exc:  # a corrupt .npy stream: numpy raises several types
+        raise BadReply(f"{key}: unreadable array ({type(exc).__name__})") from None
+    if value.dtype.kind != "f" or value.shape != tuple(shape):
+        raise BadReply(f"{key}: its data is {value.dtype} {value.shape}, not float {tuple(shape)}")
+    return value.astype(np.float32, copy=False)
+
+
+def _bounded_int(metrics: dict, key: str, lo: int, hi: int) -> int:
+    x = metrics.get(key)
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x != int(x) \
+            or not lo <= x <= hi:
+        raise BadReply(f"metric {key} = {str(x)[:40]} is not an integer in {lo}..{hi}")
+    return int(x)
+
+
+def _finite_float(metrics: dict, key: str) -> float:
+    x = metrics.get(key)
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise BadReply(f"metric {key} = {str(x)[:40]} is not a finite number")
+    return float(x)
+
+
+def decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
+    """The update of `client_id` from its reply, read against what the server expects of it this round: its
+    modules and shapes (`server.dims` at the rank the server assigned), A only when the strategy sends A, the
+    server's head keys, its scale (the server's), bounded counts. Raises BadReply (one line) on anything else;
+    values (finiteness, norms) are checked by `Server.finish_round`. Never raises anything but BadReply."""
+    try:
+        return _decode_update(content, server, client_id)
+    except BadReply as exc:
+        text = str(exc)
+        raise BadReply(text if text.startswith("malformed reply") else f"malformed reply: {text}") from None
+    except Exception as exc:  # anything a crafted record can provoke (RecursionError, TypeError, ...)
+        raise BadReply(f"malformed reply: {type(exc).__name__}") from None
+
+
+def _decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
+    cfg, sends_A = server.cfg, server.strategy.sends_A
+    rank = server.expected_rank(client_id)
+    for key in ("lora", "metrics"):
+        if key not in content:
+            raise BadReply(f"{key} missing")
+    mt = content["metrics"]
+    if not isinstance(mt, MetricRecord):
+        raise BadReply("metrics is not a metric record")
+    mt = dict(mt)
+    if _bounded_int(mt, "client-id", 0, cfg.federation.num_clients - 1) != client_id:
+        raise BadReply(f"reply claims client {mt['client-id']}")
+    if _bounded_int(mt, "rank", 1, 1 << 20) != rank:
+        raise BadReply(f"rank {mt['rank']} differs from the client's assigned rank {rank}")
+    arrays = content["lora"]
+    if not isinstance(arrays, ArrayRecord):
+        raise BadReply("lora is not an array record")
+    expected = {f"{m}:B" for m in server.dims} | ({f"{m}:A" for m in server.dims} if sends_A else set())
+    extra = sorted(set(arrays) - expected)
+    if extra:
+        what = "its own A (A is shared and never sent)" if not sends_A and any(k.endswith(":A") for k in extra) \
+            else f"unexpected arrays {[k[:60] for k in extra[:2]]}"
+        raise BadReply(f"the reply carries {what}")
+    meta = content["lora-meta"] if "lora-meta" in content else None
+    scale = cfg.lora.scale(rank)
+    if isinstance(meta, ConfigRecord) and "scales" in meta:
+        declared = meta["scales"]
+        if not isinstance(declared, list) or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                                                 or not math.isclose(float(x), scale, rel_tol=1e-6) for x in declared):
+            raise BadReply(f"declared LoRA scale differs from the server's {scale} for rank {rank}")
+    A_of = None if sends_A else shared_A(cfg, server.dims, rank)
+    factors = {}
+    for m, (d_out, d_in) in server.dims.items():
+        B = _expected_array(arrays, f"{m}:B", (d_out, rank))
+        A = _expected_array(arrays, f"{m}:A", (rank, d_in)) if sends_A else A_of[m]
+        factors[m] = LoraFactors(A=A, B=B, scale=scale)
+    head_record = content["head"] if "head" in content else ArrayRecord()
+    if not isinstance(head_record, ArrayRecord):
+        raise BadReply("head is not an array record")
+    if set(head_record) != set(server.head):
+        raise BadReply(f"head keys {sorted(head_record)[:3]} differ from the server's {sorted(server.head)[:3]}")
+    head = {k: _expected_array(head_record, k, h.shape) for k, h in server.head.items()}
+    privacy: dict = {}
+    if server.mechanism.client_reports:
+        record = content["privacy"] if "privacy" in content else None
+        text = record.get("report") if isinstance(record, ConfigRecord) else None
+        if not isinstance(text, str) or len(text) > MAX_REPORT:
+            raise BadReply("privacy report missing, not text, or too large")
+        try:
+            privacy = json.loads(text)
+        except (ValueError, RecursionError):
+            raise BadReply("privacy report is not valid JSON (or nested too deep)") from None
+    next_rank = _bounded_int(mt, "next-rank", -1, rank) if "next-rank" in mt else -1
+    update = Update(
+        client_id=client_id, rank=rank, factors=factors, head=head,
+        num_examples=_bounded_int(mt, "num-examples", 1, 10**9), train_loss=_finite_float(mt, "train-loss"),
+        steps=_bounded_int(mt, "steps", 0, 10**9), samples=_bounded_int(mt, "samples", 0, 10**12),
+        train_s=max(0.0, _finite_float(mt, "train-s")), next_rank=None if next_rank <= 0 else next_rank,
+        privacy=privacy,
+    )
+    nbytes_lora = sum(int(a.size) * WIRE_DTYPE().itemsize for f in factors.values()
+                      for a in ((f.B, f.A) if sends_A else (f.B,)))
+    nbytes_head = sum(int(h.size) * WIRE_DTYPE().itemsize for h in head.values())
+    return UpPayload(update, nbytes_lora + nbytes_head, nbytes_head, mt)

@@ -6,16 +6,14 @@
 """
 
 from .accountant import ClientAccountant, calibrate_noise_multiplier, validate_privacy_params, would_exceed
-from .client_dp import add_gaussian_noise, client_dp_noise_std, client_sample_rate, clip_update, update_norm
+from .client_dp import clip_update, gaussian_noise, update_norm
 from .dpsgd import modules_to_hook, noise_only_step, poisson_batches, private_training
 
 __all__ = [
     "ClientAccountant",
-    "add_gaussian_noise",
     "calibrate_noise_multiplier",
-    "client_dp_noise_std",
-    "client_sample_rate",
     "clip_update",
+    "gaussian_noise",
     "modules_to_hook",
     "noise_only_step",
     "poisson_batches",

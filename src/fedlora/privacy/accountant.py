@@ -7,12 +7,14 @@ real epsilon by the number of rounds, so the history is the only source of truth
 
 from __future__ import annotations
 
+
 import math
 import warnings
 from dataclasses import dataclass, field
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from fedlora.errors import UserError
 
 __all__ = [
     "ACCOUNTANTS",
@@ -150,7 +152,7 @@ def calibrate_noise_multiplier(
                 epsilon_tolerance=_CALIBRATION_TOLERANCE * target_epsilon,
             )
     except ValueError as err:
-        raise ValueError(
+        raise UserError(
             f"cannot reach privacy epsilon={target_epsilon} at delta={delta} with sample_rate={sample_rate} "
             f"and {steps} steps: {err}"
         ) from None

@@ -39,6 +39,7 @@ Client usage, once per client per round (sigma calibrated once for all rounds, o
 
 from __future__ import annotations
 
+
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +57,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, 
 from torch import nn
 
 from .accountant import ClientAccountant, validate_privacy_params
+from fedlora.errors import UserError
 
 __all__ = ["GroupClipDPOptimizer", "modules_to_hook", "noise_only_step", "poisson_batches", "private_training"]
 
@@ -159,12 +161,12 @@ def modules_to_hook(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if not own:
             continue
         if type(module) not in GradSampleHooks.GRAD_SAMPLERS:
-            raise ValueError(
+            raise UserError(
                 f"cannot make module '{name}' ({type(module).__name__}) private: Opacus has no per-sample "
                 "gradient for this layer type; freeze it or use a supported LoRA configuration"
             )
         if any(True for _ in module.buffers(recurse=False)):
-            raise ValueError(f"cannot make module '{name}' ({type(module).__name__}) private: it has buffers")
+            raise UserError(f"cannot make module '{name}' ({type(module).__name__}) private: it has buffers")
         if not module.training and not isinstance(module, _MODE_FREE_TYPES):
             raise ValueError(
                 f"cannot make module '{name}' ({type(module).__name__}) private: it is in eval mode and its "

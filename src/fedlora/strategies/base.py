@@ -8,12 +8,13 @@ i.e. `WIRE_BYTES = 4` bytes per value; headers and module names are not counted.
 
 from __future__ import annotations
 
-import inspect
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 Update = Mapping[str, "LoraFactors"]
 ScaleForRank = Callable[[int], float]
@@ -66,8 +67,13 @@ class AggregationResult:
         return WIRE_BYTES * sum(B.size + A.size for B, A in self.base_delta_factors.values())
 
 
-class Strategy:
-    """Base class of the registered methods. Subclasses set the class flags and implement `aggregate`.
+class Strategy(ABC):
+    """Base class of every method. A method MUST implement `aggregate`; it MAY set the class flags below, keep
+    state across rounds (`state_dict` / `load_state_dict`, which must survive a checkpoint), and override the
+    optional hooks (`contribution_scales` for client-level DP; the client-side hooks `client_penalty`,
+    `kept_slots`, `tail_norm`, `pruned_rank`, which the trainer calls on every client). Its user options are a
+    pydantic model registered with it: `register("name", options=MyOptions)`; their values reach `__init__` as
+    keyword arguments, beside the options fedlora passes itself (below).
 
     Options common to every method:
     - `scale_for_rank`: callable r -> the LoRA scale a rank-r client uses (e.g. `lambda r: alpha / r`). Used to
@@ -89,6 +95,12 @@ class Strategy:
     # True when the aggregate is a slot-wise weighted sum of what clients send with data-independent
     # coefficients: client-level DP noise can then be added to the sum of the sent factors.
     linear: ClassVar[bool] = False
+    # True when clients may change their own rank between rounds (HetLoRA's self-pruning): the server then
+    # accepts an update's `next_rank` in 1..rank; otherwise a client keeps the rank the server assigned.
+    clients_change_rank: ClassVar[bool] = False
+    # True when slot j of the aggregate is averaged over the clients that hold it (RBLA), not over all of them
+    # (zero-padding, FFA): client-level DP then divides each slot's noisy sum by its own expected count.
+    per_slot_mean: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -102,8 +114,32 @@ class Strategy:
             m: _checked_factors(f, None, m, f"{self.name}: initial_factors") for m, f in (initial_factors or {}).items()
         }
 
+    @abstractmethod
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> AggregationResult:
-        raise NotImplementedError
+        """One round: the clients' factors (module -> LoraFactors each) and weights -> the global result."""
+
+    def contribution_scales(self, ranks: Sequence[int], scales: Sequence[float]) -> list[float]:
+        """Per client, the factor by which a change in what it sends enters the aggregate's coordinates
+        (client-level DP clips and noises there). Default 1: factors are averaged as sent."""
+        return [1.0] * len(ranks)
+
+    # -- client-side hooks: called by the trainer on every client, no-ops unless a method overrides them ------
+    @property
+    def client_penalty(self) -> float:
+        """Weight of a penalty on the tail slots [kept_slots(r), r) in the client's loss (HetLoRA: λ); 0: none."""
+        return 0.0
+
+    def kept_slots(self, rank: int) -> int:
+        """Slots [0, k) of a rank-r client are free, [k, r) its penalised tail."""
+        return rank
+
+    def tail_norm(self, A: np.ndarray, B: np.ndarray) -> float:
+        """What the tail penalty measures, read before and after local training (`pruned_rank`)."""
+        return 0.0
+
+    def pruned_rank(self, rank: int, tail_before: float, tail_after: float) -> int:
+        """The rank a client uses from the next round (only when `clients_change_rank`)."""
+        return rank
 
     @classmethod
     def uplink_nbytes(cls, update: Update) -> int:
@@ -123,18 +159,59 @@ def factors_nbytes(factors: LoraFactors, with_A: bool = True) -> int:
     return WIRE_BYTES * (factors.B.size + (factors.A.size if with_A else 0))
 
 
-_REGISTRY: dict[str, Callable[..., Strategy]] = {}
+class NoOptions(BaseModel):
+    """A method without user options."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
-def register(name: str):
-    """Class decorator: one registry for every method, looked up by name."""
+class Options(BaseModel):
+    """Base of a method's user options: typed, bounded, nothing unknown (`strategy.options` in the config)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+_OPTIONS: dict[str, type[BaseModel]] = {}
+# What fedlora passes every method itself; never user options (the config refuses them there).
+INTERNAL_OPTIONS = ("scale_for_rank", "seed", "initial_factors")
+
+
+def register(name: str, options: type[BaseModel] = NoOptions):
+    """Class decorator: one registry for every method, looked up by name, with the model of its user options.
+    A name is registered once."""
 
     def wrap(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise ValueError(f"register({name!r}): {cls!r} is not a Strategy subclass")
+        if name in _REGISTRY:
+            raise ValueError(f"strategy name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         cls.name = name
         _REGISTRY[name] = cls
+        _OPTIONS[name] = options
         return cls
 
     return wrap
+
+
+def strategy_options(name: str) -> type[BaseModel]:
+    """The pydantic model of a registered method's user options."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
+    return _OPTIONS[name]
+
+
+def validate_options(name: str, options: Mapping[str, object]) -> dict:
+    """A method's user options, checked by its model; one line naming the method and the option otherwise."""
+    model = strategy_options(name)
+    try:
+        return model.model_validate(dict(options)).model_dump()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "options"
+        accepted = ", ".join(model.model_fields) or "none"
+        msg = "unknown option" if err["type"] == "extra_forbidden" else " ".join(err["msg"].split())
+        raise ValueError(f"strategy {name!r}: bad options: {key}: {msg} (accepted options: {accepted})") from None
 
 
 def get_strategy(name: str, **options) -> Strategy:
@@ -142,12 +219,9 @@ def get_strategy(name: str, **options) -> Strategy:
     if name not in _REGISTRY:
         raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
     cls = _REGISTRY[name]
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError as err:
-        accepted = ", ".join(p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs"))
-        raise ValueError(f"strategy {name!r}: bad options {sorted(options)} ({err}); accepted: {accepted}") from None
-    return cls(**options)
+    internal = {k: options[k] for k in INTERNAL_OPTIONS if k in options}
+    user = validate_options(name, {k: v for k, v in options.items() if k not in INTERNAL_OPTIONS})
+    return cls(**internal, **user)
 
 
 def available_strategies() -> list[str]:

@@ -67,6 +67,11 @@ class FFA(Strategy):
         res.extend = lambda m, lo, hi: _extend(self.name, m, snap[m], lo, hi, res.B[m].shape[0])
         return res
 
+    def contribution_scales(self, ranks: Sequence[int], scales: Sequence[float]) -> list[float]:
+        """s_k / s_g: B_k enters B̄ scaled by its client's scale over the widest client's (see the class)."""
+        s_g = scales[max(range(len(ranks)), key=lambda k: ranks[k])]
+        return [s / s_g for s in scales]
+
     def state_dict(self) -> dict:
         return {"shared_A": {m: A.copy() for m, A in self.shared.items()}}
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from pydantic import Field
 
-from .base import LoraFactors, Update, product_fro_norm, register, validate_updates
+from .base import LoraFactors, Options, Update, product_fro_norm, register, validate_updates
 from .common import PrefixResult, slotwise_result
 from .zeropad import ZeroPad
 
@@ -43,7 +44,13 @@ class HetLoRAResult(PrefixResult):
     client_weights: dict[str, np.ndarray] = field(default_factory=dict)  # S_k / Σ S_j per module
 
 
-@register("hetlora")
+class HetLoRAOptions(Options):
+    gamma: float = Field(0.9, gt=0.0, le=1.0)  # kept fraction of the rank: slots [⌊γr⌋, r) are the tail
+    lam: float = Field(1e-3, ge=0.0)  # weight of the tail penalty in the client's loss
+    min_rank: int = Field(1, ge=1)  # a client never prunes below this rank
+
+
+@register("hetlora", options=HetLoRAOptions)
 class HetLoRA(ZeroPad):
     """Zero-padding with per-module weights S_k / Σ S_j, S_k = ‖s_k B_k A_k‖_F (data sizes ignored).
 
@@ -55,6 +62,7 @@ class HetLoRA(ZeroPad):
     """
 
     linear = False  # the weights depend on the data (the update norms)
+    clients_change_rank = True  # self-pruning
 
     def __init__(self, gamma: float = 0.9, lam: float = 1e-3, min_rank: int = 1, scale_for_rank=None,
                  seed: int = 0, initial_factors=None) -> None:

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from pydantic import Field
 
-from .base import LoraFactors, Strategy, Update, register, validate_updates
+from .base import LoraFactors, Options, Strategy, Update, register, validate_updates
 from .common import PrefixResult
 from .fedit import averaged_result
 
@@ -32,7 +33,11 @@ class LoraFairResult(PrefixResult):
     correction: dict[str, np.ndarray] = field(default_factory=dict)  # ΔB per module
 
 
-@register("lora-fair")
+class LoraFairOptions(Options):
+    lam: float = Field(0.01, ge=0.0)  # ridge regularisation of the B correction
+
+
+@register("lora-fair", options=LoraFairOptions)
 class LoraFair(Strategy):
     """Down: (Ā, B̄ + ΔB); `result.correction[module]` holds ΔB. Approximate: ΔW* outside Ā's row space is
     unreachable; with λ → 0 the global update tends to ΔW* Ā⁺ Ā. Same communication as FedIT."""

@@ -1,0 +1,15 @@
+"""The errors fedlora shows as one line with exit code 2: mistakes in what the user gave it (config, command
+line, files, data, a federation that cannot go on). Anything else that escapes is a bug: the CLI prints its
+traceback and exits 1. Library ValueErrors (numpy, torch, transformers) are not user errors."""
+
+
+class UserError(ValueError):
+    """A mistake in the user's config, command line, files or data: one line, exit code 2."""
+
+
+class ConfigError(UserError):
+    """A user error in the config or the command line."""
+
+
+class RoundFailed(UserError):
+    """A round that cannot be aggregated (fewer than federation.min_clients valid updates)."""

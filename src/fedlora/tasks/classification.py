@@ -1,0 +1,108 @@
+"""Sequence classification: labelled texts, a classifier head trained and averaged beside LoRA, accuracy.
+
+Labels drive the held-out split (stratified) and the non-IID partitions (Dirichlet, label skew, fractions).
+The head reads the attention-masked mean of the last hidden states by default (`model.pooling`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import Task, register_task
+
+
+@register_task
+class SequenceClassification(Task):
+    name = "classification"
+
+    def _split(self, cfg):
+        """(dataset, load report, train split, held-out split, per-client train indices): the one place that
+        decides which examples are held out (fixed, stratified by label) and which client gets which."""
+        from fedlora.data import load_text_dataset, partition_indices, stratified_split
+
+        d, fed = cfg.data, cfg.federation
+        ds, report = load_text_dataset(d.name, path=d.path, text_column=d.text_column, label_column=d.label_column)
+        train, test = stratified_split(ds, d.test_fraction, seed=cfg.seed)
+        parts = partition_indices(train.labels, fed.num_clients, fed.partition, alpha=fed.alpha, seed=cfg.seed,
+                                  label_fractions=fed.label_fractions)
+        return ds, report, train, test, parts
+
+    def prepare_data(self, cfg, tokenizer):
+        from fedlora.client import encode
+        from fedlora.data import partition_stats
+        from fedlora.experiment import FederatedData
+
+        d = cfg.data
+        ds, report, train, test, parts = self._split(cfg)
+        if d.max_eval_examples is not None and len(test) > d.max_eval_examples:
+            keep = np.random.default_rng(cfg.seed).choice(len(test), d.max_eval_examples, replace=False)
+            test = test.subset(np.sort(keep))
+        train_enc = encode(tokenizer, train.texts, train.labels, d.max_length)
+        return FederatedData(
+            clients=[train_enc.subset(p) for p in parts],
+            test=encode(tokenizer, test.texts, test.labels, d.max_length),
+            label_names=list(ds.label_names),
+            partition_stats=partition_stats(train.labels, parts),
+            load_summary=report.summary(),
+        )
+
+    def client_data(self, cfg, tokenizer, client_id):
+        from fedlora.client import encode
+        from fedlora.errors import UserError
+
+        if not 0 <= client_id < cfg.federation.num_clients:
+            raise UserError(f"partition-id {client_id} outside 0..{cfg.federation.num_clients - 1}")
+        ds, _, train, _, parts = self._split(cfg)
+        idx = np.asarray(parts[client_id])
+        data = encode(tokenizer, [train.texts[i] for i in idx], train.labels[idx], cfg.data.max_length)
+        return data, list(ds.label_names)
+
+    def file_data(self, cfg, path, tokenizer, label_names):
+        from pathlib import Path
+
+        from fedlora.client import encode
+        from fedlora.data import load_text_dataset
+        from fedlora.errors import UserError
+
+        kind = "jsonl" if Path(path).suffix.lower() in (".jsonl", ".json") else "csv"
+        ds, _ = load_text_dataset(kind, path=path, text_column=cfg.data.text_column, label_column=cfg.data.label_column)
+        index = {name: i for i, name in enumerate(label_names)}
+        unknown = sorted(set(ds.label_names) - set(index))
+        if unknown:
+            raise UserError(f"{path}: labels {unknown[:3]} are not among the federation's labels {label_names}")
+        mapping = np.array([index[n] for n in ds.label_names])
+        return encode(tokenizer, ds.texts, mapping[np.asarray(ds.labels)], cfg.data.max_length)
+
+    def collate(self, data, idx, pad_id):
+        from fedlora.client import collate
+
+        return collate(data, idx, pad_id)
+
+    def evaluate(self, model, data, batch_size, pad_id):
+        from fedlora.client import evaluate_classifier
+
+        return evaluate_classifier(model, data, batch_size, pad_id)
+
+    def base_model(self, cfg, num_outputs):
+        from fedlora.models import load_base_model
+
+        return load_base_model(cfg.model.name, num_outputs, cfg.seed, cfg.model.pooling)
+
+    def lora_options(self, cfg) -> dict[str, Any]:
+        # PEFT's SEQ_CLS task always adds the classifier to modules_to_save (a trainable copy), whatever is
+        # passed; a frozen head therefore needs the plain PeftModel, whose forward calls the base model as is.
+        return {"modules_to_save": ["classifier"] if cfg.lora.train_head else None,
+                "task_type": "SEQ_CLS" if cfg.lora.train_head else None}
+
+    def export_meta(self, cfg, label_names) -> dict[str, Any]:
+        return {"task": self.name, "model": cfg.model.name, "pooling": cfg.model.pooling, "seed": cfg.seed,
+                "num_labels": len(label_names), "label_names": label_names}
+
+    def load_exported(self, meta):
+        from fedlora.models import load_base_model
+
+        # The seed rebuilds the head's init, which is the head itself when lora.train_head=false (not exported).
+        return load_base_model(meta["model"], meta["num_labels"], seed=meta.get("seed", 0),
+                               pooling=meta.get("pooling", "cls"))

@@ -1,4 +1,4 @@
-"""`fedlora run | resume | bench | report`: parse, validate, call the library.
+"""`fedlora run | resume | bench | report | generate`: parse, validate, call the library.
 
 User errors (bad config, bad value, missing file: `fedlora.errors.UserError`, and OSError) print one line on
 stderr and exit 2, never a traceback. Anything else is a bug: its traceback, a line saying so, exit 1.
@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None)
     bench.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 CPU cores)")
     bench.add_argument("--jobs", type=int, default=1, help="training runs at once (each gets cores/jobs threads)")
+
+    gen = sub.add_parser("generate", help="a causal-lm run's fine-tuned model answers a prompt")
+    gen.add_argument("run_dir")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
 
     report = sub.add_parser("report", help="compare run folders: report.md and plots")
     report.add_argument("run_dirs", nargs="+")
@@ -110,7 +115,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "bench": cmd_bench}
+def cmd_generate(args) -> int:
+    from fedlora.tasks.causal_lm import generate_from_run
+
+    print(generate_from_run(Path(args.run_dir), args.prompt, args.max_new_tokens))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "bench": cmd_bench,
+            "generate": cmd_generate}
 
 
 BUG_LINE = ("fedlora: internal error (a bug, not a mistake in your config): please report it with the "

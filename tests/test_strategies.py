@@ -359,6 +359,25 @@ def test_hetlora_tail_norm_and_pruning_rule(seed):
         <= TOL * expected
 
 
+
+def test_hetlora_client_hooks_keep_the_numbers_of_the_default_rule():
+    """Pinned: the hooks the trainer calls (defaults γ = 0.9, λ = 1e-3, min_rank = 1) give today's numbers."""
+    het = get_strategy("hetlora")
+    assert het.client_penalty == 1e-3 and het.clients_change_rank
+    ranks = [1, 2, 4, 8, 10, 16, 100]
+    assert [het.kept_slots(r) for r in ranks] == [1, 1, 3, 7, 9, 14, 90]
+    assert [het.pruned_rank(r, 2.0, 1.0) for r in ranks] == [1, 1, 3, 7, 9, 14, 90]
+    assert [het.pruned_rank(r, 1.0, 1.0) for r in ranks] == ranks  # the tail did not shrink: keep the rank
+    A, B = np.arange(24.0).reshape(8, 3) / 10, np.arange(32.0).reshape(4, 8) / 10
+    # slot 7 is the tail: ‖(0.7, 1.5, 2.3, 3.1)‖ = 4.2, ‖(2.1, 2.2, 2.3)‖ = sqrt(14.54)
+    assert het.tail_norm(A, B) == pytest.approx(4.2 * np.sqrt(14.54), rel=1e-14)
+    assert het.tail_norm(A[:1], B[:, :1]) == 0.0  # a rank-1 client has no tail
+    # the trainer's penalty is client_penalty · Σ ‖B[:, k:]‖·‖A[k:]‖ with k = kept_slots(r): the same tail
+    k = het.kept_slots(8)
+    assert het.client_penalty * np.linalg.norm(B[:, k:]) * np.linalg.norm(A[k:]) == \
+        pytest.approx(1e-3 * het.tail_norm(A, B), rel=1e-14)
+
+
 # 8. LoRA-FAIR -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("lam", [0.0, 1e-11])

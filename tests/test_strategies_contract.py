@@ -426,6 +426,8 @@ def test_the_contract_is_explicit_abstract_aggregate_and_no_op_client_hooks():
     assert m.tail_norm(np.ones((8, 3)), np.ones((4, 8))) == 0.0
     assert m.contribution_scales([4, 8], [2.0, 1.0]) == [1.0, 1.0]
     assert not m.clients_change_rank and not m.per_slot_mean
+    assert not m.exact and not m.linear and not m.merges_into_base and m.supports_mixed_ranks
+    assert m.state_dict() == {} and m.load_state_dict({}) is None
     # HetLoRA overrides exactly these hooks with its rule.
     het = get_strategy("hetlora", gamma=0.5, lam=0.01)
     rng = np.random.default_rng(0)
@@ -435,3 +437,236 @@ def test_the_contract_is_explicit_abstract_aggregate_and_no_op_client_hooks():
     assert het.pruned_rank(8, 2.0, 1.0) == 4 and het.pruned_rank(8, 1.0, 2.0) == 8
     # FFA's contribution to its B̄ is s_k / s_g (alpha/r: a rank-4 client weighs 2x among rank-8 ones).
     assert get_strategy("ffa").contribution_scales([4, 8], [2.0, 1.0]) == [2.0, 1.0]
+
+
+# The explicit contract: registry, typed options, flags ---------------------------------------------------------------
+@pytest.fixture
+def scratch_registry():
+    """Methods registered in the test are forgotten afterwards (the registry is process-wide)."""
+    before = set(available_strategies())
+    yield
+    for name in set(available_strategies()) - before:
+        strategies.unregister(name)
+    assert set(available_strategies()) == before
+
+
+def test_unregister_forgets_a_method(scratch_registry):
+    from fedlora.strategies import Strategy, register
+
+    @register("short-lived")
+    class ShortLived(Strategy):
+        def aggregate(self, updates, weights):
+            raise NotImplementedError
+
+    assert isinstance(get_strategy("short-lived"), ShortLived)
+    strategies.unregister("short-lived")
+    assert "short-lived" not in available_strategies()
+    with pytest.raises(ValueError, match="unknown strategy 'short-lived'"):
+        strategies.unregister("short-lived")
+    register("short-lived")(ShortLived)  # the name and the class are free again
+
+
+def test_registering_a_name_twice_is_refused(scratch_registry):
+    from fedlora.strategies import Strategy, register
+
+    class Again(Strategy):
+        def aggregate(self, updates, weights):
+            raise NotImplementedError
+
+    with pytest.raises(ValueError, match=r"^strategy name 'rbla' is already registered by RBLA$"):
+        register("rbla")(Again)
+    assert strategies.strategy_class("rbla").__name__ == "RBLA" and Again.name == ""
+    register("again")(Again)
+    with pytest.raises(ValueError, match="Again is already registered as 'again'"):
+        register("again-2")(Again)  # one class, one name (the class's `name` would otherwise change)
+
+
+def test_register_refuses_what_get_strategy_could_not_build(scratch_registry):
+    from pydantic import BaseModel
+
+    from fedlora.strategies import Options, Strategy, register
+
+    class NoAggregate(Strategy):
+        pass
+
+    class Fine(Strategy):
+        def aggregate(self, updates, weights):
+            raise NotImplementedError
+
+    class Loose(BaseModel):  # unknown options would be dropped silently
+        mu: float = 1.0
+
+    class Mu(Options):
+        mu: float = 1.0
+
+    class Seeded(Options):
+        seed: int = 0
+
+    cases = [
+        (lambda: register("x")(object), "not a Strategy subclass"),
+        (lambda: register("x")(NoAggregate), "does not implement aggregate"),
+        (lambda: register("x", options=dict)(Fine), "pydantic model"),
+        (lambda: register("x", options=Loose)(Fine), "must forbid unknown fields"),
+        (lambda: register("x", options=Seeded)(Fine), r"\['seed'\] are passed by fedlora itself"),
+        (lambda: register("x", options=Mu)(Fine), r"Fine.__init__ does not accept \['mu'\]"),
+        (lambda: register(" x")(Fine), "non-empty string"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            call()
+    assert "x" not in available_strategies()
+
+
+def test_unknown_option_is_one_line_listing_the_accepted_ones():
+    with pytest.raises(ValueError) as err:
+        get_strategy("hetlora", gama=0.5)
+    assert str(err.value) == ("strategy 'hetlora': bad options: gama: unknown option "
+                              "(accepted options: gamma, lam, min_rank)")
+    with pytest.raises(ValueError) as err:
+        get_strategy("rbla", lam=0.1)
+    assert str(err.value) == "strategy 'rbla': bad options: lam: unknown option (accepted options: none)"
+
+
+@pytest.mark.parametrize(
+    "name, options, fragment",
+    [
+        ("hetlora", {"gamma": "x"}, "gamma: Input should be a valid number, got 'x'"),
+        ("hetlora", {"gamma": "0.5"}, "gamma: Input should be a valid number"),  # strict: no string coercion
+        ("hetlora", {"min_rank": 1.5}, "min_rank: Input should be a valid integer"),
+        ("hetlora", {"lam": True}, "lam: Input should be a valid number"),
+        ("hetlora", {"gamma": 0.0}, "gamma: Input should be greater than 0"),
+        ("hetlora", {"min_rank": 0}, "min_rank: Input should be greater than or equal to 1"),
+        ("lora-fair", {"lam": float("nan")}, "lam: Input should be a finite number"),
+        ("lora-fair", {"lam": [0.1]}, "lam: Input should be a valid number"),
+    ],
+)
+def test_wrongly_typed_or_out_of_range_options_are_one_line(name, options, fragment):
+    with pytest.raises(ValueError) as err:
+        get_strategy(name, **options)
+    msg = str(err.value)
+    assert msg.startswith(f"strategy {name!r}: bad options: ") and fragment in msg and "\n" not in msg
+
+
+def test_options_reach_the_method_and_defaults_match_its_constructor():
+    import inspect
+
+    het = get_strategy("hetlora", gamma=1, lam=0.02, min_rank=3)  # an int is a valid float
+    assert (het.gamma, het.lam, het.min_rank) == (1.0, 0.02, 3) and isinstance(het.gamma, float)
+    for name in NAMES:
+        cls, model = strategies.strategy_class(name), strategies.strategy_options(name)
+        params = inspect.signature(cls.__init__).parameters
+        for field, info in model.model_fields.items():
+            assert params[field].default == info.default, (name, field)
+        assert set(model.model_fields) == set(params) - {"self", *strategies.INTERNAL_OPTIONS}, name
+    assert set(strategies.strategy_options("hetlora").model_fields) == {"gamma", "lam", "min_rank"}
+    assert set(strategies.strategy_options("lora-fair").model_fields) == {"lam"}
+
+
+def test_internal_keyword_arguments_are_not_user_options():
+    s = get_strategy("hetlora", gamma=0.5, scale_for_rank=scale, seed=7, initial_factors=initial())
+    assert s.seed == 7 and s.scale_for_rank is scale and set(s.initial_factors) == set(SHAPES)
+
+
+def test_a_method_defined_outside_the_package_registers_and_aggregates(scratch_registry):
+    from pydantic import Field
+
+    from fedlora.strategies import AggregationResult, Options, Strategy, register
+
+    class ShrinkOptions(Options):
+        shrink: float = Field(0.5, gt=0.0, le=1.0)
+
+    class ShrinkResult(AggregationResult):
+        def __init__(self, deltas):
+            super().__init__()
+            self.deltas = deltas
+
+        def effective_delta(self, module):
+            return self.deltas[module]
+
+        def downlink(self, rank):
+            return {}
+
+        def downlink_nbytes(self, rank):
+            return 0
+
+    @register("shrunk-exact", options=ShrinkOptions)
+    class ShrunkExact(Strategy):
+        """shrink · Σ p_k s_k B_k A_k (a toy: exact up to a constant)."""
+
+        def __init__(self, shrink=0.5, scale_for_rank=None, seed=0, initial_factors=None):
+            super().__init__(scale_for_rank=scale_for_rank, seed=seed, initial_factors=initial_factors)
+            self.shrink = shrink
+
+        def aggregate(self, updates, weights):
+            ups, p, modules = strategies.validate_updates(updates, weights, self.name)
+            return ShrinkResult({m: self.shrink * sum(pk * u[m].delta() for pk, u in zip(p, ups)) for m in modules})
+
+    assert "shrunk-exact" in available_strategies() and ShrunkExact.name == "shrunk-exact"
+    s = get_strategy("shrunk-exact", shrink=0.25, scale_for_rank=scale, seed=1)
+    assert isinstance(s, ShrunkExact) and s.shrink == 0.25 and not s.exact and s.client_penalty == 0.0
+    ups, w = make_round([2, 4, 4])
+    p = np.asarray(w) / np.sum(w)
+    res = s.aggregate(ups, w)
+    for m in SHAPES:
+        want = 0.25 * sum(pk * u[m].delta() for pk, u in zip(p, ups))
+        assert np.allclose(res.effective_delta(m), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="strategy 'shrunk-exact': bad options: shrink"):
+        get_strategy("shrunk-exact", shrink=2.0)
+    with pytest.raises(ValueError, match=r"client 0: weight -1"):
+        s.aggregate(ups, [-1.0, 1.0, 1.0])  # the shared validation comes with the package's helpers
+    bad_init = r"Bad.__init__ does not accept \['scale_for_rank', 'seed', 'initial_factors'\]"
+    with pytest.raises(ValueError, match=bad_init):
+        register("bad")(type("Bad", (ShrunkExact,), {"__init__": lambda self: None}))
+
+
+def exact_aggregate(ups, w, m):
+    p = np.asarray(w) / np.sum(w)
+    return sum(pk * u[m].scale * (u[m].B @ u[m].A) for pk, u in zip(p, ups))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exact_flag_says_whether_the_global_change_is_the_exact_aggregate(name):
+    ranks = [2, 4, 6] if name in MIXED else [4, 4, 4]
+    # FFA needs one shared A (it refuses anything else); the others get independent A_k, where factor averaging
+    # is visibly inexact.
+    ups, w = make_round(ranks, seed=3, shared_A=(name == "ffa"))
+    res = get_strategy(name, scale_for_rank=scale).aggregate(ups, w)
+    errs = []
+    for m in SHAPES:
+        want = exact_aggregate(ups, w, m)
+        errs.append(np.linalg.norm(res.effective_delta(m) - want) / np.linalg.norm(want))
+    if get_strategy(name).exact:
+        assert max(errs) < 1e-10, (name, errs)
+    else:
+        assert max(errs) > 1e-3, (name, errs)
+    assert {n for n in NAMES if strategies.strategy_class(n).exact} == {"ffa", "flora", "flexlora", "fedex"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merges_into_base_flag_matches_the_results_base_delta(name):
+    ranks = [2, 4, 6] if name in MIXED else [4, 4, 4]
+    ups, w = make_round(ranks, seed=5, shared_A=(name == "ffa"))
+    res = get_strategy(name, scale_for_rank=scale).aggregate(ups, w)
+    assert strategies.strategy_class(name).merges_into_base == bool(res.base_delta), name
+
+
+def test_outside_options_validate_in_the_config(scratch_registry):
+    from fedlora.config import ConfigError, load_config
+    from fedlora.strategies import Options, Strategy, register
+
+    class MuOptions(Options):
+        mu: float = 0.5
+
+    @register("mu-method", options=MuOptions)
+    class MuMethod(Strategy):
+        def __init__(self, mu=0.5, scale_for_rank=None, seed=0, initial_factors=None):
+            super().__init__(scale_for_rank=scale_for_rank, seed=seed, initial_factors=initial_factors)
+
+        def aggregate(self, updates, weights):
+            raise NotImplementedError
+
+    cfg = load_config(None, ["strategy.name=mu-method", "strategy.options={mu=0.25}"])
+    assert cfg.strategy.options == {"mu": 0.25}
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["strategy.name=mu-method", 'strategy.options={mu="x"}'])
+    assert str(err.value).startswith("invalid config: strategy.options: strategy 'mu-method': bad options: mu:")

@@ -13,8 +13,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from fedlora.strategies import available_strategies, get_strategy
-from fedlora.strategies.base import INTERNAL_OPTIONS, validate_options
+from fedlora.strategies import INTERNAL_OPTIONS, available_strategies, get_strategy, validate_options
 
 from fedlora.errors import ConfigError, RoundFailed, UserError  # noqa: F401  (re-exported)
 
@@ -184,18 +183,16 @@ class StrategyConfig(_Section):
 
     @field_validator("options")
     @classmethod
-    def _plain_options(cls, v):
+    def _typed_options(cls, v, info: ValidationInfo):
         # fedlora passes these itself (federated_run.build_strategy; the seed is the top-level `seed`).
         reserved = sorted(set(v) & set(INTERNAL_OPTIONS))
         if reserved:
             raise ValueError(f"{reserved} are set by fedlora, not by the config")
+        # Each method's own options model (registered with it): types, bounds, no unknown option. The error
+        # names strategy.options; an unknown strategy name was reported already (no `name` in info.data).
+        if "name" in info.data:
+            validate_options(info.data["name"], v)
         return v
-
-    @model_validator(mode="after")
-    def _typed_options(self):
-        # Each method's own options model (registered with it): types, bounds, no unknown option.
-        validate_options(self.name, self.options)
-        return self
 
 
 class OptimConfig(_Section):

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 Update = Mapping[str, "LoraFactors"]
 ScaleForRank = Callable[[int], float]
@@ -68,14 +67,24 @@ class AggregationResult:
 
 
 class Strategy(ABC):
-    """Base class of every method. A method MUST implement `aggregate`; it MAY set the class flags below, keep
-    state across rounds (`state_dict` / `load_state_dict`, which must survive a checkpoint), and override the
-    optional hooks (`contribution_scales` for client-level DP; the client-side hooks `client_penalty`,
-    `kept_slots`, `tail_norm`, `pruned_rank`, which the trainer calls on every client). Its user options are a
-    pydantic model registered with it: `register("name", options=MyOptions)`; their values reach `__init__` as
-    keyword arguments, beside the options fedlora passes itself (below).
+    """Base class of every method: subclass it, implement `aggregate`, and `register` it with its options.
 
-    Options common to every method:
+    MUST override:
+    - `aggregate(updates, weights) -> AggregationResult` (abstract: a class without it cannot be instantiated).
+
+    MAY override (the defaults are correct for a stateless method without client-side rules):
+    - the class flags below (each says what the rest of fedlora may assume about the method);
+    - `state_dict()` / `load_state_dict(state)`: state kept across rounds; it must survive a checkpoint/resume;
+    - `contribution_scales(ranks, scales)`: used by client-level DP (default: factors enter as sent);
+    - the client-side hooks, which ClientTrainer calls on every client (no-ops by default):
+      `client_penalty` (λ of a penalty on the tail slots [kept_slots(r), r); 0.0 = none; the trainer leaves it
+      off under DP-SGD), `kept_slots(rank)`, `tail_norm(A, B)` and `pruned_rank(rank, tail_before, tail_after)`
+      (the trainer reads `tail_norm` before and after training and asks `pruned_rank` for the next round's rank
+      only when `clients_change_rank`). HetLoRA overrides all four.
+
+    Its user options are a pydantic model registered with it (`register("name", options=MyOptions)`, see
+    fedlora.strategies.registry); their validated values reach `__init__` as keyword arguments, beside the
+    keyword arguments fedlora passes itself:
     - `scale_for_rank`: callable r -> the LoRA scale a rank-r client uses (e.g. `lambda r: alpha / r`). Used to
       label (and, for FFA and FlexLoRA, to build) the downlink of a rank not present in the round's updates.
       Without it, a rank is served only if seen in the round or if the ranks seen fit one scale law
@@ -85,13 +94,22 @@ class Strategy(ABC):
       seeded PEFT init every client derives). FFA takes its shared A from it (so any rank can be served and
       every client's A is checked against it from round 1); zero-padding, HetLoRA and RBLA use it for slots no
       sampled client held yet. The other methods ignore it.
+    A subclass's `__init__` accepts these three (pass them on to `super().__init__`).
     """
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set by `register`
     trains_A: ClassVar[bool] = True  # False for FFA: A is frozen and shared
     sends_A: ClassVar[bool] = True  # False for FFA: only B goes up and down
     supports_mixed_ranks: ClassVar[bool] = True
     fresh_lora_each_round: ClassVar[bool] = False  # FLoRA: every round starts from A random, B = 0
+    # True when the global model's change this round, `result.effective_delta(m)`, equals the exact aggregate
+    # ΔW* = Σ p_k s_k B_k A_k of ALGORITHMS.md (up to float error; for FFA while every A is bit-identical, which
+    # FFA checks). Methods that average factors (FedIT, zero-padding, RBLA, LoRA-FAIR) or weight by update norms
+    # (HetLoRA) are not exact.
+    exact: ClassVar[bool] = False
+    # True when results carry `base_delta`s that every client, sampled or not, merges into its frozen base weights
+    # each round (FLoRA, FedEx): the base must stay writable (not quantized) and every client must get them.
+    merges_into_base: ClassVar[bool] = False
     # True when the aggregate is a slot-wise weighted sum of what clients send with data-independent
     # coefficients: client-level DP noise can then be added to the sum of the sent factors.
     linear: ClassVar[bool] = False
@@ -126,19 +144,22 @@ class Strategy(ABC):
     # -- client-side hooks: called by the trainer on every client, no-ops unless a method overrides them ------
     @property
     def client_penalty(self) -> float:
-        """Weight of a penalty on the tail slots [kept_slots(r), r) in the client's loss (HetLoRA: λ); 0: none."""
+        """Weight λ of a penalty λ·Σ_modules ‖B[:, k:]‖_F·‖A[k:, :]‖_F (k = `kept_slots(r)`) added to the client's
+        loss without DP (HetLoRA). Default 0.0: no penalty, the trainer adds nothing."""
         return 0.0
 
     def kept_slots(self, rank: int) -> int:
-        """Slots [0, k) of a rank-r client are free, [k, r) its penalised tail."""
+        """Slots [0, k) of a rank-r client are free, [k, r) its penalised tail. Default r: no tail."""
         return rank
 
     def tail_norm(self, A: np.ndarray, B: np.ndarray) -> float:
-        """What the tail penalty measures, read before and after local training (`pruned_rank`)."""
+        """The tail's size for one module's (A, B), read before and after local training and passed (summed
+        over modules) to `pruned_rank`. Default 0.0."""
         return 0.0
 
     def pruned_rank(self, rank: int, tail_before: float, tail_after: float) -> int:
-        """The rank a client uses from the next round (only when `clients_change_rank`)."""
+        """The rank the client uses from the next round (asked only when `clients_change_rank`). Default: the
+        same rank."""
         return rank
 
     @classmethod
@@ -154,78 +175,15 @@ class Strategy(ABC):
         return None
 
 
+# The registry's storage: name -> Strategy subclass, name -> options model. Filled and read only through
+# fedlora.strategies.registry (register, unregister, get_strategy, ...).
+_REGISTRY: dict[str, type[Strategy]] = {}
+_OPTIONS: dict[str, type] = {}
+
+
 def factors_nbytes(factors: LoraFactors, with_A: bool = True) -> int:
     """Wire bytes of one module's factors (float32 per value)."""
     return WIRE_BYTES * (factors.B.size + (factors.A.size if with_A else 0))
-
-
-class NoOptions(BaseModel):
-    """A method without user options."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class Options(BaseModel):
-    """Base of a method's user options: typed, bounded, nothing unknown (`strategy.options` in the config)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
-
-
-_REGISTRY: dict[str, type[Strategy]] = {}
-_OPTIONS: dict[str, type[BaseModel]] = {}
-# What fedlora passes every method itself; never user options (the config refuses them there).
-INTERNAL_OPTIONS = ("scale_for_rank", "seed", "initial_factors")
-
-
-def register(name: str, options: type[BaseModel] = NoOptions):
-    """Class decorator: one registry for every method, looked up by name, with the model of its user options.
-    A name is registered once."""
-
-    def wrap(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            raise ValueError(f"register({name!r}): {cls!r} is not a Strategy subclass")
-        if name in _REGISTRY:
-            raise ValueError(f"strategy name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        _OPTIONS[name] = options
-        return cls
-
-    return wrap
-
-
-def strategy_options(name: str) -> type[BaseModel]:
-    """The pydantic model of a registered method's user options."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
-    return _OPTIONS[name]
-
-
-def validate_options(name: str, options: Mapping[str, object]) -> dict:
-    """A method's user options, checked by its model; one line naming the method and the option otherwise."""
-    model = strategy_options(name)
-    try:
-        return model.model_validate(dict(options)).model_dump()
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "options"
-        accepted = ", ".join(model.model_fields) or "none"
-        msg = "unknown option" if err["type"] == "extra_forbidden" else " ".join(err["msg"].split())
-        raise ValueError(f"strategy {name!r}: bad options: {key}: {msg} (accepted options: {accepted})") from None
-
-
-def get_strategy(name: str, **options) -> Strategy:
-    """Instantiate the method registered as `name` with its options; unknown names/options raise ValueError."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
-    cls = _REGISTRY[name]
-    internal = {k: options[k] for k in INTERNAL_OPTIONS if k in options}
-    user = validate_options(name, {k: v for k, v in options.items() if k not in INTERNAL_OPTIONS})
-    return cls(**internal, **user)
-
-
-def available_strategies() -> list[str]:
-    return sorted(_REGISTRY)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import LoraFactors, Strategy, Update, register, validate_updates
+from .base import LoraFactors, Strategy, Update, validate_updates
 from .fedit import averaged_result
 from .common import PrefixResult
-from .merge import merge_into_weight  # noqa: F401  (re-exported: servers merge the residual with it)
+from .registry import register
 
 
 def residual_factors(factors: Sequence[LoraFactors], p: np.ndarray, A_bar: np.ndarray,
@@ -34,11 +34,14 @@ def residual_factors(factors: Sequence[LoraFactors], p: np.ndarray, A_bar: np.nd
 class FedEx(Strategy):
     """Clients continue from (Ā, B̄); base_delta[m] = s·(Σ p_k B_k A_k − B̄Ā), so base + s·B̄Ā = base + ΔW*.
 
-    Every client, sampled or not, must merge every round's residual (`merge_into_weight`, respecting
-    fan_in_fan_out). Down: the averaged factors plus the residual factors (K−1)·r wide.
+    Every client, sampled or not, must merge every round's residual (`fedlora.lora.merge_base_delta`,
+    respecting fan_in_fan_out). Down: the averaged factors plus the residual factors (K−1)·r wide.
+    Exact: the global model (base + residual + s·B̄Ā) moves by ΔW* (identity 4), though the adapter alone does not.
     """
 
     supports_mixed_ranks = False
+    exact = True
+    merges_into_base = True
     linear = False
 
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> PrefixResult:

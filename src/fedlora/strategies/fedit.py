@@ -6,8 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import LoraFactors, Strategy, Update, register, validate_updates
+from .base import LoraFactors, Strategy, Update, validate_updates
 from .common import PrefixResult
+from .registry import register
 
 
 def average_factors(
@@ -33,9 +34,13 @@ def averaged_result(method: str, updates: Sequence[dict[str, LoraFactors]], p: n
 
 @register("fedit")
 class FedIT(Strategy):
-    """Ā = Σ p_k A_k, B̄ = Σ p_k B_k; global ΔW = s·B̄Ā, which misses Σ p_k (B_k − B̄)(A_k − Ā)."""
+    """Ā = Σ p_k A_k, B̄ = Σ p_k B_k; global ΔW = s·B̄Ā, which misses Σ p_k (B_k − B̄)(A_k − Ā).
+
+    Not exact (that covariance term is lost); linear in the sent factors.
+    """
 
     supports_mixed_ranks = False
+    exact = False
     linear = True
 
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> PrefixResult:

@@ -6,8 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import LoraFactors, Strategy, Update, register, validate_updates
+from .base import LoraFactors, Strategy, Update, validate_updates
 from .common import PrefixResult, pad_cols
+from .registry import register
 
 
 def shared_A(method: str, factors: Sequence[LoraFactors], module: str, known: np.ndarray | None) -> np.ndarray:
@@ -41,10 +42,13 @@ class FFA(Strategy):
     this is plain B̄ = Σ p_k pad(B_k). s_g is the scale of the widest client. Down: (A_max[:r], B̄[:, :r]·s_g/s_r);
     columns past the widest rank are 0 (B's init). Only B travels (A comes from a shared seed).
     State: the shared A (widest seen), to serve larger ranks and to check A never changes across rounds.
+    Exact (identity 2), mixed ranks included, as long as every client's A is the bit-identical prefix of the
+    shared A — which `aggregate` checks, refusing the round otherwise.
     """
 
     trains_A = False
     sends_A = False
+    exact = True
     linear = True
 
     def __init__(self, scale_for_rank=None, seed: int = 0, initial_factors=None) -> None:

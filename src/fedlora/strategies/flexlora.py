@@ -9,8 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (WIRE_BYTES, AggregationResult, LoraFactors, ScaleForRank, Strategy, Update, register,
-                   resolve_scale, scales_by_rank, validate_updates)
+from .base import (WIRE_BYTES, AggregationResult, LoraFactors, ScaleForRank, Strategy, Update, resolve_scale,
+                   scales_by_rank, validate_updates)
+from .registry import register
 
 
 def stacked_factors(factors: Sequence[LoraFactors], p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,8 +128,12 @@ class FlexLoRA(Strategy):
 
     The scale of the receiving client enters B (B = U_r Σ_r / s_r): pass `scale_for_rank` (e.g.
     `lambda r: alpha / r`) to serve ranks absent from the round; otherwise the scale seen for that rank is used.
+
+    Exact: the global ΔW_g (`effective_delta`) is ΔW* before truncation; a rank-r client then starts from its
+    best rank-r approximation, off by sqrt(Σ_{i>r} σ_i²) (identity 5).
     """
 
+    exact = True
     linear = False
 
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> FlexLoRAResult:

@@ -7,7 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import AggregationResult, LoraFactors, Strategy, Update, register, validate_updates
+from .base import AggregationResult, LoraFactors, Strategy, Update, validate_updates
+from .registry import register
 
 
 def stack_factors(factors: Sequence[LoraFactors], p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,9 +38,14 @@ class FLoRAResult(AggregationResult):
 
 @register("flora")
 class FLoRA(Strategy):
-    """base_delta[m] = B_st A_st (dense, to merge into W0), base_delta_factors[m] = (B_st, A_st) (sent)."""
+    """base_delta[m] = B_st A_st (dense, to merge into W0), base_delta_factors[m] = (B_st, A_st) (sent).
+
+    Exact for any ranks: B_st A_st = Σ p_k s_k B_k A_k (identity 3), merged into every client's base weights.
+    """
 
     fresh_lora_each_round = True
+    exact = True
+    merges_into_base = True
     linear = False  # the merged delta is a sum of products of what clients send, not a sum of it
 
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> FLoRAResult:

@@ -9,8 +9,9 @@ from typing import Sequence
 import numpy as np
 from pydantic import Field
 
-from .base import LoraFactors, Options, Update, product_fro_norm, register, validate_updates
+from .base import LoraFactors, Update, product_fro_norm, validate_updates
 from .common import PrefixResult, slotwise_result
+from .registry import Options, register
 from .zeropad import ZeroPad
 
 
@@ -59,8 +60,10 @@ class HetLoRA(ZeroPad):
     default 1). The client-side rule is bound here as `kept_slots(r)`, `tail_norm(A, B)` and
     `pruned_rank(r, tail_before, tail_after)`. `result.client_weights[module]` holds the norm weights.
     The server tracks each client's current rank.
+    Not exact: zero-padded factor averaging, with norm weights instead of p_k (identity 7).
     """
 
+    exact = False
     linear = False  # the weights depend on the data (the update norms)
     clients_change_rank = True  # self-pruning
 

@@ -8,9 +8,10 @@ from typing import Sequence
 import numpy as np
 from pydantic import Field
 
-from .base import LoraFactors, Options, Strategy, Update, register, validate_updates
+from .base import LoraFactors, Strategy, Update, validate_updates
 from .common import PrefixResult
 from .fedit import averaged_result
+from .registry import Options, register
 
 
 def b_correction(factors: Sequence[LoraFactors], p: np.ndarray, A_bar: np.ndarray, B_bar: np.ndarray,
@@ -40,9 +41,11 @@ class LoraFairOptions(Options):
 @register("lora-fair", options=LoraFairOptions)
 class LoraFair(Strategy):
     """Down: (Ā, B̄ + ΔB); `result.correction[module]` holds ΔB. Approximate: ΔW* outside Ā's row space is
-    unreachable; with λ → 0 the global update tends to ΔW* Ā⁺ Ā. Same communication as FedIT."""
+    unreachable; with λ → 0 the global update tends to ΔW* Ā⁺ Ā (identity 8). Same communication as FedIT.
+    Not exact."""
 
     supports_mixed_ranks = False
+    exact = False
     linear = False
 
     def __init__(self, lam: float = 0.01, scale_for_rank=None, seed: int = 0, initial_factors=None) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .base import Strategy, Update, register, validate_updates
+from .base import Strategy, Update, validate_updates
 from .common import PrefixResult, SlotMemory, slotwise_result
+from .registry import register
 
 
 @register("zeropad")
@@ -13,9 +14,10 @@ class ZeroPad(Strategy):
     """Slot j of A and of B is Σ_k p_k pad(X_k)[j]: diluted by c_j = Σ_{k: r_k>j} p_k per factor.
 
     State: the last global slots, used for slots that no weighted client held this round (see SlotMemory);
-    checkpoint it with `state_dict()`.
+    checkpoint it with `state_dict()`. Not exact (factor averaging, diluted slots: identity 6); linear.
     """
 
+    exact = False
     linear = True
     per_slot_mean = False
 

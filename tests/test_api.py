@@ -61,13 +61,12 @@ class ToyMedianFFA(Strategy):
 @pytest.fixture
 def toy_registered():
     """Register the toy method as a user would; forget it afterwards (the registry is process-wide)."""
-    from fedlora.strategies import base
+    from fedlora.strategies.registry import unregister
 
     register("toy-median-ffa")(ToyMedianFFA)
     ToyMedianFFA.calls = 0
     yield
-    base._REGISTRY.pop("toy-median-ffa", None)
-    base._OPTIONS.pop("toy-median-ffa", None)
+    unregister("toy-median-ffa")
 
 
 @pytest.mark.slow

@@ -172,3 +172,39 @@ def test_the_flower_engine_runs_the_llm_task(tmp_path):
     rows = read_metrics(tmp_path / "fl")
     assert rows[0]["clients"] == [0, 1] and rows[0]["bytes_up"] > 0
     assert json.loads((tmp_path / "fl" / "summary.json").read_text())["rounds"] == 1
+
+
+def test_device_and_precision_choices_are_checked_in_one_line():
+    from fedlora.config import ConfigError
+    from fedlora.errors import UserError
+    from fedlora.models import quantization_config, resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            resolve_device("cuda")
+        with pytest.raises(UserError, match="needs a CUDA GPU"):
+            quantization_config(load_config(None, TINY + ["model.quantize=4bit"]))
+    with pytest.raises(ConfigError, match="gradient_checkpointing does not work with privacy.mode=sample"):
+        load_config(None, TINY + ["model.gradient_checkpointing=true", "privacy.mode=sample", "privacy.epsilon=3"])
+    with pytest.raises(ConfigError, match="model.quantize is for task=causal-lm"):
+        load_config(None, ["model.quantize=8bit"])
+    with pytest.raises(ConfigError, match="quantized base"):
+        load_config(None, TINY + ["model.quantize=4bit", "strategy.name=flora"])
+
+
+@pytest.mark.slow
+def test_a_bfloat16_base_with_gradient_checkpointing_trains_float32_lora(tmp_path):
+    """dtype and checkpointing on the CPU: the base runs in bfloat16, the LoRA factors stay float32."""
+    result = fedlora.run(None, overrides=TINY + ["model.dtype=bfloat16", "model.gradient_checkpointing=true",
+                                                 "output.save_adapter=false", "data.max_eval_examples=12"],
+                         out=tmp_path / "bf16")
+    row = result.metrics[-1]
+    assert np.isfinite(row["train_loss"]) and np.isfinite(row["eval_loss"]) and row["bytes_up"] > 0
+    from fedlora.models import ModelHost
+
+    host = ModelHost(load_config(None, TINY + ["model.dtype=bfloat16"]), 2, {8})
+    dtypes = {p.dtype for n, p in host.model.named_parameters() if "lora_" in n}
+    base = {p.dtype for n, p in host.model.named_parameters() if "lora_" not in n}
+    assert dtypes == {torch.float32} and base == {torch.bfloat16}

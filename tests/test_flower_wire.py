@@ -179,3 +179,16 @@ def test_a_node_with_its_own_file_maps_labels_by_name(tmp_path):
     assert data.labels.tolist() == [1, 0, 1]
     with pytest.raises(ValueError, match="not among the federation's labels"):
         _load_file(cfg, str(path), load_tokenizer(cfg.model.name), ["neg", "pos"])
+
+
+def test_a_node_validates_the_servers_config_without_the_servers_data_file(tmp_path):
+    from fedlora.config import ConfigError
+    from fedlora.engines.flower_client import config_from_toml
+
+    data = tmp_path / "server-only.csv"
+    data.write_text("text,label\na,x\nb,y\n")
+    cfg = load_config(None, ["data.name=csv", f"data.path={data}"])
+    data.unlink()  # the file exists on the server only
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(None, ["data.name=csv", f"data.path={data}"])
+    assert config_from_toml(cfg.to_toml()).data.path == str(data)

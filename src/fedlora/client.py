@@ -15,7 +15,7 @@ import torch
 
 from fedlora import lora
 from fedlora.config import ExperimentConfig
-from fedlora.models import ModelHost
+from fedlora.models import ModelHost, model_device, to_device
 from fedlora.strategies import LoraFactors, Strategy
 
 
@@ -193,7 +193,8 @@ class ClientTrainer:
                 if len(idx) == 0:
                     session.empty_step()  # an empty Poisson batch still takes a (noise-only) step
                     continue
-                loss = self.task.loss(session.module, self.task.collate(data, idx, self.pad_id))
+                batch = to_device(self.task.collate(data, idx, self.pad_id), self.host.device)
+                loss = self.task.loss(session.module, batch)
                 if penalty:
                     loss = loss + self._tail_penalty(adapter)
                 loss.backward()
@@ -229,7 +230,7 @@ class ClientTrainer:
         return float(sum(self.strategy.tail_norm(x.A, x.B) for x in f.values()))
 
     def _tail_penalty(self, adapter: str) -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.host.device)
         for layer in lora.lora_layers(self.host.model).values():
             A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             keep = self.strategy.kept_slots(A.shape[0])
@@ -256,9 +257,10 @@ def evaluate_classifier(model: torch.nn.Module, data: EncodedData, batch_size: i
     """Mean loss and accuracy of a classifier on `data` (sorted by length so batches pad little)."""
     order = np.argsort([len(x) for x in data.input_ids], kind="stable")
     total_loss, correct = 0.0, 0
+    device = model_device(model)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        batch = collate(data, idx, pad_id)
+        batch = to_device(collate(data, idx, pad_id), device)
         out = model(**batch)
         total_loss += float(out.loss) * len(idx)
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())

@@ -50,6 +50,13 @@ class ModelConfig(_Section):
     # pooler (BERT: tanh(dense(h_CLS))), whose output for MiniLM is a poor feature (a centralized linear probe on
     # it reaches 0.68 on rotten_tomatoes, 0.75 on the mean; bench/bench_pooling.py).
     pooling: Literal["mean", "cls"] = "mean"
+    # Where and in what precision the base model runs, for every task. auto: a CUDA GPU when one is visible,
+    # else Apple's MPS, else the CPU. LoRA factors stay float32 whatever the base's dtype.
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    # A 4- or 8-bit base (QLoRA, bitsandbytes): needs CUDA and the bitsandbytes package (task=causal-lm).
+    quantize: Literal["none", "4bit", "8bit"] = "none"
 
 
 class DataConfig(_Section):
@@ -303,6 +310,15 @@ class ExperimentConfig(_Section):
             strategy = get_strategy(self.strategy.name, **self.strategy.options)
         except (TypeError, AttributeError, ValueError) as exc:  # unknown option, wrong type (gamma = "x"), range
             raise ValueError(f"strategy.options: {exc}") from None
+        if self.model.gradient_checkpointing and self.privacy.mode == "sample":
+            raise ValueError("model.gradient_checkpointing does not work with privacy.mode=sample: Opacus' "
+                             "per-example gradient hooks would see every recomputed activation twice")
+        if self.model.quantize != "none":
+            if self.task != "causal-lm":
+                raise ValueError("model.quantize is for task=causal-lm (a classifier's head is trained in full)")
+            if strategy.merges_into_base:
+                raise ValueError(f"strategy {self.strategy.name!r} merges deltas into the base weights, which a "
+                                 "quantized base cannot take: use model.quantize=none")
         if self.federation.aggregation != "mean":
             why = ("it needs a linear method" if not strategy.linear else "it needs one rank for all clients"
                    if len(ranks) > 1 else "client-level DP's clip and noise assume the mean"

@@ -95,7 +95,8 @@ class SamplePrivacy:
         seed = np.random.SeedSequence([cfg.seed, round_idx, client_id, 7]).generate_state(1)[0]
         with private_training(
             model, optimizer, noise_multiplier=self.noise_multiplier, clip=self.clip,
-            expected_batch_size=cfg.local_batch_size(), generator=torch.Generator().manual_seed(int(seed)),
+            expected_batch_size=cfg.local_batch_size(),
+            generator=torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed)),
             accountant=self.accountant, sample_rate=self.sample_rate, clip_groups=clip_groups(cfg, model),
         ) as (module, dp_optimizer):
             session = TrainingSession(module, dp_optimizer, batches, set_to_none=False)

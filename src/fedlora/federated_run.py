@@ -202,7 +202,7 @@ class Run:
             "server": self.server.state_dict(),
             "transport": transport.state_dict(),
             # The exact float32 base weights that absorbed merges (FLoRA, FedEx), not a re-summed delta.
-            "base_weights": {n: layers[n].get_base_layer().weight.detach().numpy().copy()
+            "base_weights": {n: layers[n].get_base_layer().weight.detach().float().cpu().numpy().copy()
                              for n in self.server.base_delta},
             "before": list(self.before),
         })

@@ -30,8 +30,8 @@ def get_factors(model: torch.nn.Module, adapter: str) -> dict[str, LoraFactors]:
     """Copy an adapter's factors out as float32 NumPy arrays."""
     out = {}
     for name, layer in lora_layers(model).items():
-        A = layer.lora_A[adapter].weight.detach().cpu().numpy().copy()
-        B = layer.lora_B[adapter].weight.detach().cpu().numpy().copy()
+        A = layer.lora_A[adapter].weight.detach().float().cpu().numpy().copy()
+        B = layer.lora_B[adapter].weight.detach().float().cpu().numpy().copy()
         out[name] = LoraFactors(A=A, B=B, scale=float(layer.scaling[adapter]))
     return out
 
@@ -67,7 +67,7 @@ def _head_modules(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Mo
 
 def get_head(model: torch.nn.Module, adapter: str) -> dict[str, np.ndarray]:
     return {
-        f"{mod_name}.{p_name}": p.detach().cpu().numpy().copy()
+        f"{mod_name}.{p_name}": p.detach().float().cpu().numpy().copy()
         for mod_name, mod in _head_modules(model, adapter).items()
         for p_name, p in mod.named_parameters()
     }
@@ -94,7 +94,7 @@ def merge_base_delta(model: torch.nn.Module, deltas: dict[str, np.ndarray]) -> N
             layer = layers[name]
             weight = layer.get_base_layer().weight
             try:
-                merged = merge_into_weight(weight.detach().cpu().numpy(), np.asarray(delta, dtype=np.float32),
+                merged = merge_into_weight(weight.detach().float().cpu().numpy(), np.asarray(delta, dtype=np.float32),
                                            bool(getattr(layer, "fan_in_fan_out", False)))
             except ValueError as exc:
                 raise ValueError(f"module {name}: {exc}") from None

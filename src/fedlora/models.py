@@ -17,7 +17,7 @@ import torch
 from fedlora.errors import UserError
 from fedlora.architectures import default_targets
 from fedlora.config import EMBEDDED_LLM, EMBEDDED_MODEL, ExperimentConfig
-from fedlora.tasks import get_task
+from fedlora.tasks import get_task, model_device, to_device  # noqa: F401  (re-exported for the trainer)
 
 
 def runtime_defaults() -> None:
@@ -181,15 +181,17 @@ def load_base_model(name: str, num_labels: int, seed: int, pooling: str = "mean"
     return model
 
 
-def load_causal_lm(name: str, seed: int) -> torch.nn.Module:
-    """A causal LM in float32, eval mode (no dropout: deterministic training, and DP-SGD needs none)."""
+def load_causal_lm(name: str, seed: int, quantization=None, dtype: str = "float32") -> torch.nn.Module:
+    """A causal LM, eval mode (no dropout: deterministic training, and DP-SGD needs none). `quantization`: a
+    bitsandbytes config (`quantization_config(cfg)`), which loads the base 4/8-bit onto the GPU."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     torch.manual_seed(seed)
+    extra = {"quantization_config": quantization, "device_map": {"": 0}} if quantization is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=torch.float32,
-                                                     local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=DTYPES[dtype],
+                                                     local_files_only=True, **extra)
     except OSError as exc:
         raise UserError(f"could not load causal LM {name!r}: {str(exc).splitlines()[0]}") from None
     return model.eval()
@@ -223,6 +225,53 @@ def lora_config(cfg: ExperimentConfig, rank: int):
     )
 
 
+def resolve_device(name: str) -> torch.device:
+    """model.device as a torch device; one line when the requested accelerator is not there."""
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps is not None and mps.is_available())
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device=cuda but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    if name == "mps" and not mps_ok:
+        raise UserError("model.device=mps but this torch has no usable MPS backend")
+    return torch.device(name)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quantization_config(cfg: ExperimentConfig):
+    """bitsandbytes settings for model.quantize (None for a full-precision base); one line when impossible."""
+    if cfg.model.quantize == "none":
+        return None
+    if resolve_device(cfg.model.device).type != "cuda":
+        raise UserError(f"model.quantize={cfg.model.quantize} needs a CUDA GPU (bitsandbytes); this run is on "
+                        f"{resolve_device(cfg.model.device).type}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"model.quantize={cfg.model.quantize} needs the bitsandbytes package (pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.model.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[cfg.model.dtype])
+
+
+def place(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.nn.Module:
+    """The base model on model.device in model.dtype (a quantized base is placed by bitsandbytes already),
+    with gradient checkpointing when asked."""
+    if cfg.model.quantize == "none":
+        model = model.to(device=resolve_device(cfg.model.device), dtype=DTYPES[cfg.model.dtype])
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if cfg.model.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 class ModelHost:
     """One base model with a LoRA adapter per rank; `activate(rank)` sets what trains for a strategy."""
 
@@ -232,7 +281,8 @@ class ModelHost:
         self.cfg = cfg
         self.task = get_task(cfg.task)
         self.tokenizer = load_tokenizer(cfg.model.name)
-        base = self.task.base_model(cfg, num_labels)
+        base = place(self.task.base_model(cfg, num_labels), cfg)
+        self.device = model_device(base)
         ranks = sorted(set(ranks))
         try:
             self.model = get_peft_model(base, lora_config(cfg, ranks[-1]), adapter_name=adapter_name(ranks[-1]))

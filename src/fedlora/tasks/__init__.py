@@ -69,6 +69,15 @@ class Task(ABC):
         """The base model an exported adapter was trained on, from its `export_meta`."""
 
 
+def model_device(model) -> "torch.device":
+    """Where a model's parameters are (batches go there)."""
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 _TASKS: dict[str, type[Task]] = {}
 
 

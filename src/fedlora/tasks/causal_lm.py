@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import Task, register_task
+from . import Task, model_device, register_task, to_device
 
 # What an embedded labelled set asks; the answer is the label's name.
 INSTRUCTIONS = {
@@ -167,6 +167,7 @@ class CausalLM(Task):
         keep = answer + 1
         logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         logits_to_keep=keep).logits
+        labels = labels.to(logits.device)
         targets = labels[:, labels.shape[1] - answer:]
         token_loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
@@ -181,9 +182,10 @@ class CausalLM(Task):
         order = np.argsort([len(x) for x in data.input_ids], kind="stable")
         total, correct = 0.0, 0
         with torch.inference_mode():
+            device = model_device(model)
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
-                total += float(self.loss(model, self.collate(data, idx, pad_id))) * len(idx)
+                total += float(self.loss(model, to_device(self.collate(data, idx, pad_id), device))) * len(idx)
                 outputs = self.generate(model, [data.input_ids[i][: data.prompt_len[i]] for i in idx], pad_id,
                                         self.max_new_tokens)
                 correct += sum(matches(o, data.answers[i]) for o, i in zip(outputs, idx))
@@ -202,17 +204,18 @@ class CausalLM(Task):
         for row, p in enumerate(prompts):
             ids[row, width - len(p):] = p
             mask[row, width - len(p):] = 1
-        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+        device = model_device(model)
+        out = model.generate(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
 
     # -- model -----------------------------------------------------------------------------------------------
     def base_model(self, cfg, num_outputs):
-        from fedlora.models import load_causal_lm, load_tokenizer
+        from fedlora.models import load_causal_lm, load_tokenizer, quantization_config
 
         self.max_new_tokens = cfg.eval.max_new_tokens
         self.tokenizer = load_tokenizer(cfg.model.name)
-        return load_causal_lm(cfg.model.name, cfg.seed)
+        return load_causal_lm(cfg.model.name, cfg.seed, quantization_config(cfg), cfg.model.dtype)
 
     def lora_options(self, cfg) -> dict[str, Any]:
         # No head: the (tied) embeddings and the LM head stay frozen; only LoRA factors train and travel.

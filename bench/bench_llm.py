@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     strategy = build_strategy(cfg, module_dims(host.model))
     trainer = ClientTrainer(cfg, host, strategy)
     server = Server(cfg, strategy, module_dims(host.model), {}, [len(c) for c in data.clients])
-    task = host.task
     pad = tok.pad_token_id or 0
     # The batches fedlora's trainer draws for client 0 in round 1 (its own seeded RNG), reused by every row.
     batches = shuffled_batches(len(client), cfg.federation.batch_size, cfg.federation.local_steps,

@@ -208,3 +208,41 @@ def test_a_bfloat16_base_with_gradient_checkpointing_trains_float32_lora(tmp_pat
     dtypes = {p.dtype for n, p in host.model.named_parameters() if "lora_" in n}
     base = {p.dtype for n, p in host.model.named_parameters() if "lora_" not in n}
     assert dtypes == {torch.float32} and base == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_every_strategy_and_client_level_dp_aggregate_llm_updates(llm):
+    """One round of every registered method on the LLM's real LoRA updates (2 clients, 1 step each; mixed
+    ranks where the method takes them), and a client-level DP round: the next global adapter is finite, and
+    FFA sends exactly half of FedIT's LoRA bytes (no head on a causal LM)."""
+    from fedlora.client import ClientTrainer
+    from fedlora.federated_run import build_strategy
+    from fedlora.server import Server
+    from fedlora.strategies import available_strategies, strategy_class
+
+    cfg0, tok, data, host = llm
+    dims = lora.module_dims(host.model)
+    uplink = {}
+    cases = [(name, []) for name in available_strategies()] + [("ffa", ["privacy.mode=client",
+                                                                         "privacy.noise_multiplier=1.0"])]
+    for name, extra in cases:
+        ranks = "[4, 8]" if strategy_class(name).supports_mixed_ranks else "[8]"
+        cfg = load_config(None, TINY + [f"strategy.name={name}", f"federation.ranks={ranks}",
+                                        "federation.local_steps=1", *extra])
+        for r in set(cfg.client_ranks()):
+            host.ensure_rank(r)
+        strategy = build_strategy(cfg, dims)
+        server = Server(cfg, strategy, dims, {}, [len(c) for c in data.clients])
+        trainer = ClientTrainer(cfg, host, strategy)
+        sampled = [0, 1] if not extra else server.sample_clients() or [0]
+        updates = [trainer.train(c, server.downlink(c), data.clients[c]) for c in sampled]
+        outcome = server.finish_round(updates, sampled)
+        assert outcome.trained == sampled and not outcome.rejected, (name, outcome.rejected)
+        rank, glob = server.global_eval_factors()
+        assert all(np.isfinite(f.A).all() and np.isfinite(f.B).all() for f in glob.values()), name
+        if not extra:
+            uplink[name] = outcome.bytes_up / len(sampled)
+    # Per client: FFA at ranks 4/8 sends B only; FedIT at rank 8 sends A and B (square q_proj, 576x192 v_proj).
+    per_layer_ffa = ((576 + 192) * 4 + (576 + 192) * 8) / 2 * 4  # mean over the two clients' ranks
+    assert uplink["ffa"] == 30 * per_layer_ffa
+    assert uplink["fedit"] == 30 * ((576 + 576) + (192 + 576)) * 8 * 4

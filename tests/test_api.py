@@ -165,3 +165,22 @@ def test_user_errors_are_one_line_exit_2_and_bugs_exit_1_with_traceback(monkeypa
         assert main(["run"]) == 1
         err = capsys.readouterr().err
         assert "Traceback" in err and "a bug" in err
+
+
+def test_the_readme_method_table_is_the_registry():
+    from pathlib import Path
+
+    from fedlora.strategies import available_strategies, strategy_class
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0].startswith("`"):
+            table[cells[0].strip("`")] = cells[1:]
+    assert sorted(table) == available_strategies()
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
+    for name, cells in table.items():
+        c = strategy_class(name)
+        assert cells == [yes(c.exact), yes(c.linear), yes(c.supports_mixed_ranks), yes(c.trains_A), yes(c.sends_A),
+                         yes(c.downlink_A())], name

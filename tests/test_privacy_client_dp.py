@@ -96,12 +96,37 @@ def method_ranks(method: str) -> str:
     return "[4, 16]" if get_strategy(method).supports_mixed_ranks else "[8]"
 
 
-LINEAR = [m for m in available_strategies() if get_strategy(m).linear]
+# Linear methods whose downlink B is the averaged B itself; FedSVD re-factors B̄·A after averaging (its own test).
+REFACTORED = [m for m in available_strategies()
+              if get_strategy(m).linear and get_strategy(m).receives_A and not get_strategy(m).sends_A]
+LINEAR = [m for m in available_strategies() if get_strategy(m).linear and m not in REFACTORED]
 OTHERS = [m for m in available_strategies() if not get_strategy(m).linear]
 
 
 def test_every_strategy_is_covered():
     assert set(LINEAR) >= {"ffa", "fedit", "zeropad", "rbla"} and set(OTHERS) >= {"hetlora", "flexlora", "flora"}
+    assert set(LINEAR) | set(REFACTORED) | set(OTHERS) == set(available_strategies())
+
+
+@pytest.mark.parametrize("method", REFACTORED)
+def test_refactoring_methods_noise_the_averaged_B_before_refactoring(method):
+    """FedSVD averages B (noise once on the sum, over m fixed) and then re-factors B̄·A: the prepared updates'
+    mean is B̄, whose noise std is sigma*C/m, and one huge client moves it by exactly C/m."""
+    sigma, clip = 1.3, 0.7
+    server = dp_server(method, "[8]", sigma, clip)
+    sampled = list(range(K))
+    prepared, weights, extra = server.mechanism.prepare(server, [unchanged(server, c) for c in sampled])
+    assert extra["noise_placement"] == "sum" and weights == [1.0] * K
+    mean_B = np.concatenate([np.mean([u.factors[m].B for u in prepared], axis=0).ravel() for m in DIMS])
+    head = np.concatenate([np.mean([u.head[k] for u in prepared], axis=0).ravel() for k in HEAD])
+    draws = np.concatenate([mean_B, head])  # the reference B and head are 0 here
+    assert np.std(draws) == pytest.approx(sigma * clip / M, rel=0.25)  # 108 draws: a loose but real bound
+    quiet = dp_server(method, "[8]", 0.0, clip)
+    ups = [unchanged(quiet, c) for c in sampled]
+    ups[0].factors = {m: LoraFactors(A=f.A, B=f.B + 5.0, scale=f.scale) for m, f in ups[0].factors.items()}
+    prepared, _, _ = quiet.mechanism.prepare(quiet, ups)
+    moved = np.concatenate([np.mean([u.factors[m].B for u in prepared], axis=0).ravel() for m in DIMS])
+    assert float(np.linalg.norm(moved)) * M == pytest.approx(clip, rel=1e-6)
 
 
 def expected_count(server: Server, slot: int) -> float:

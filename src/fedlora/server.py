@@ -90,7 +90,8 @@ class Server:
         head = sum(h.size for h in self.head.values()) * WIRE_BYTES
         if self._fresh:
             # The seeded init: A is derived from the seed, B is zero; a FedIT-style client still gets A sent.
-            per = sum((d_out * rank) + (rank * d_in if self.strategy.sends_A else 0) for d_out, d_in in self.dims.values())
+            per = sum((d_out * rank) + (rank * d_in if self.strategy.downlink_A() else 0)
+                      for d_out, d_in in self.dims.values())
             return per * WIRE_BYTES + head
         return self._down_nbytes[rank] + head
 
@@ -235,13 +236,16 @@ class Server:
             out.append(u)
         return out, norms
 
-    def reference(self, u: Update) -> tuple[dict[str, LoraFactors], dict[str, np.ndarray]]:
-        """The factors and head the client started this round from (FLoRA: its fresh, seed-derived init)."""
+    def sent_factors(self, client_id: int) -> dict[str, LoraFactors]:
+        """The factors a client starts this round from (FLoRA: its fresh, seed-derived init)."""
         from fedlora.client import fresh_factors
 
-        factors = self.downlink_factors(u.rank) or fresh_factors(self.cfg, self.dims, u.rank, self.round + 1,
-                                                                  u.client_id)
-        return factors, self.head
+        rank = self.expected_rank(client_id)
+        return self.downlink_factors(rank) or fresh_factors(self.cfg, self.dims, rank, self.round + 1, client_id)
+
+    def reference(self, u: Update) -> tuple[dict[str, LoraFactors], dict[str, np.ndarray]]:
+        """The factors and head the client started this round from."""
+        return self.sent_factors(u.client_id), self.head
 
     def change_norm(self, u: Update) -> float:
         """L2 norm of what the client changed in what it sends (factors and head) this round."""

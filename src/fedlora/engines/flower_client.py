@@ -192,7 +192,7 @@ def handle_train(msg: Message, context: Context, fault: Fault | None = None) -> 
         raise UserError("base-delta history incomplete on this node")
     rt.sync_base(entries)
     strategy = rt.trainer.strategy
-    down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, strategy.sends_A)
+    down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, strategy.downlink_A())
     if fault is not None:
         fault(down.round, client_id)
     dp = load_privacy(rt.cfg, context.state, len(data), str(ins.get("privacy-state", "") or ""))
@@ -210,7 +210,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     _check_node(context, client_id)
     data = rt.client_data(context.node_config, client_id)
     rt.sync_base(store_base(context.state, decode_base_entries(msg.content)))
-    down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, rt.trainer.strategy.sends_A)
+    down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, rt.trainer.strategy.downlink_A())
     adapter = rt.trainer.load(down, client_id)
     cap = rt.cfg.data.max_eval_examples
     if cap is not None and len(data) > cap:  # the same budget as the central held-out set

@@ -181,7 +181,7 @@ class FlowerTransport(Transport):
         # SuperNode): it gets the client's last privacy report, so its DP accountant continues, not restarts.
         privacy = run.server.privacy.get(client_id) if node not in self.primed else None
         self.primed.add(node)
-        payload = encode_downlink(run.cfg, run.server.downlink(client_id), client_id, run.strategy.sends_A,
+        payload = encode_downlink(run.cfg, run.server.downlink(client_id), client_id, run.strategy.downlink_A(),
                                   self.base_log[start:], start, self.config_toml, run.data.label_names,
                                   privacy_state=json.dumps(privacy) if privacy else "")
         msg = Message(payload.content, dst_node_id=node, message_type=kind, group_id=str(run.server.round + 1))

@@ -251,7 +251,7 @@ def _decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
         if not isinstance(declared, list) or any(isinstance(x, bool) or not isinstance(x, (int, float))
                                                  or not math.isclose(float(x), scale, rel_tol=1e-6) for x in declared):
             raise BadReply(f"declared LoRA scale differs from the server's {scale} for rank {rank}")
-    A_of = None if sends_A else shared_A(cfg, server.dims, rank)
+    A_of = None if sends_A else {m: f.A for m, f in server.sent_factors(client_id).items()}  # what it was sent
     factors = {}
     for m, (d_out, d_in) in server.dims.items():
         B = _expected_array(arrays, f"{m}:B", (d_out, rank))

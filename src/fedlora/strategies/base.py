@@ -100,6 +100,8 @@ class Strategy(ABC):
     name: ClassVar[str] = ""  # set by `register`
     trains_A: ClassVar[bool] = True  # False for FFA: A is frozen and shared
     sends_A: ClassVar[bool] = True  # False for FFA: only B goes up and down
+    # Whether A travels down to clients; None: the same as up. FedSVD sends a new A down but only B up.
+    receives_A: ClassVar[bool | None] = None
     supports_mixed_ranks: ClassVar[bool] = True
     fresh_lora_each_round: ClassVar[bool] = False  # FLoRA: every round starts from A random, B = 0
     # True when the global model's change this round, `result.effective_delta(m)`, equals the exact aggregate
@@ -161,6 +163,11 @@ class Strategy(ABC):
         """The rank the client uses from the next round (asked only when `clients_change_rank`). Default: the
         same rank."""
         return rank
+
+    @classmethod
+    def downlink_A(cls) -> bool:
+        """Whether the downlink carries A (else the client already holds it: FFA's seeded A)."""
+        return cls.sends_A if cls.receives_A is None else bool(cls.receives_A)
 
     @classmethod
     def uplink_nbytes(cls, update: Update) -> int:

@@ -118,9 +118,17 @@ class Run:
                              [len(c) for c in self.data.clients])
         self.before: tuple[float, float] | None = None  # (loss, accuracy) of the global model before round 1
         self._resume_state: dict | None = None
-        from fedlora.engines import make_engine
+        self._engine = None
 
-        self.engine = make_engine(cfg.engine, self)
+    @property
+    def engine(self):
+        """The engine named by cfg.engine, built on first use (a ServerApp drives the loop itself and never
+        builds one: no in-process clients, no per-client DP calibration there)."""
+        if self._engine is None:
+            from fedlora.engines import make_engine
+
+            self._engine = make_engine(self.cfg.engine, self)
+        return self._engine
 
     @classmethod
     def resume(cls, run_dir: str | Path, progress: RunProgress | None = None, cfg: ExperimentConfig | None = None,

@@ -7,13 +7,26 @@ starts); every descendant inherits it, also those that detach (Flower's SuperExe
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 
 TAG_VAR = "FEDLORA_TEST_PROCS"
+
+
+def load_deploy_local():
+    """scripts/deploy_local.py as a module (it is a script, not part of the package)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "deploy_local.py"
+    spec = importlib.util.spec_from_file_location("deploy_local", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["deploy_local"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 class ProcessTag:

@@ -4,15 +4,14 @@ starts its SuperExec)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from flower_procs import load_deploy_local
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # A process with a child that has a detached grandchild; the grandchild writes the child's pid and its own, then
 # they all sleep. Each sleep is bounded, so nothing outlives a failed test by more than a minute.
@@ -31,12 +30,6 @@ time.sleep(60)
 """
 
 
-def _load_deploy_local():
-    spec = importlib.util.spec_from_file_location("deploy_local", ROOT / "scripts" / "deploy_local.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["deploy_local"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _alive(pid: int) -> bool:
@@ -50,7 +43,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 @pytest.mark.timeout(60)
 def test_stop_ends_a_started_process_its_child_and_a_detached_grandchild(tmp_path):
-    deploy_local = _load_deploy_local()
+    deploy_local = load_deploy_local()
     assert "psutil" not in deploy_local.__dict__
     dep = deploy_local.Deployment(tmp_path / "deploy")
     script = tmp_path / "tree.py"

@@ -8,16 +8,14 @@ Run it alone: `pytest -m deployment`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flower_procs import ProcessTag
+from flower_procs import ProcessTag, load_deploy_local
 
 from fedlora.client import collate
 from fedlora.config import load_config
@@ -31,15 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MAJORITY_CLASS = 0.578  # rotten_tomatoes: 7368 positive of 12752
 
 
-def _deploy_local():
-    spec = importlib.util.spec_from_file_location("deploy_local", ROOT / "scripts" / "deploy_local.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["deploy_local"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
-deploy_local = _deploy_local()
+deploy_local = load_deploy_local()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -289,9 +289,7 @@ class ClientLevelDP(PrivacyMechanism):
         noisy_at = max(range(len(updates)), key=lambda i: updates[i].rank) if linear else None
         out, norms = [], {}
         for i, u in enumerate(updates):
-            ref_factors, ref_head = server.reference(u)
-            ref_factors = {k: LoraFactors(A=r.A[: u.rank], B=r.B[:, : u.rank], scale=r.scale)
-                           for k, r in ref_factors.items()}
+            ref_factors, ref_head = server.reference(u)  # what this client was sent, at its rank
             now, ref = sent_tensors(u.factors, u.head, sends_A), sent_tensors(ref_factors, ref_head, sends_A)
             # The contribution: the change in the aggregate's coordinates (the head is averaged as sent).
             weight = {k: 1.0 if k.startswith("head.") else f[i] for k in now}
@@ -301,7 +299,7 @@ class ClientLevelDP(PrivacyMechanism):
             if linear:  # the strategy's mean over the round's D_j replies becomes the noisy sum over m_j
                 clipped = {k: v * spread(k, v.shape) for k, v in clipped.items()}
             factors, head = from_sent({k: ref[k] + clipped[k] / weight[k] for k in now}, u.factors, u.head, sends_A)
-            out.append(replace_update(u, factors, head))
+            out.append(replace(u, factors=factors, head=head))
         extra = {"clip_norms": {str(k): v for k, v in norms.items()},
                  "noise_placement": "sum" if linear else "each", "expected_clients": self.expected_clients()}
         return out, [1.0] * len(updates), extra  # data-size weights would let one influence exceed the clip
@@ -361,12 +359,6 @@ def make_mechanism(cfg: ExperimentConfig) -> PrivacyMechanism:
     return MECHANISMS[cfg.privacy.mode](cfg)
 
 
-def replace_update(u, factors: dict[str, LoraFactors], head: dict[str, np.ndarray]):
-    from dataclasses import replace
-
-    return replace(u, factors=factors, head=head)
-
-
 # -- robust aggregation -------------------------------------------------------------------------------------------
 def robust_center(server, updates: list, rule: str, trim: float):
     """One update whose sent tensors are the coordinate-wise median (or trimmed mean) of the clients'.
@@ -387,7 +379,7 @@ def robust_center(server, updates: list, rule: str, trim: float):
             ordered = np.sort(stack, axis=0)
             center[k] = ordered[cut: len(updates) - cut].mean(axis=0)
     factors, head = from_sent(center, updates[0].factors, updates[0].head, sends_A)
-    return replace_update(updates[0], factors, head)
+    return replace(updates[0], factors=factors, head=head)
 
 
 # -- reports clients send -----------------------------------------------------------------------------------------

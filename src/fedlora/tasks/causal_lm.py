@@ -88,13 +88,13 @@ class CausalLM(Task):
 
         max_len = cfg.data.max_length
         eos = tokenizer.eos_token or ""
-        head = len(prompt_ids(cfg, tokenizer, ""))
+        head = len(prompt_ids(tokenizer, "", cfg.data.system_prompt))
         ids, prompt_len = [], []
         for prompt, response in zip(prompts, responses):
             answer = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
             budget = max(1, max_len - head - len(answer))
             content = tokenizer(prompt, add_special_tokens=False)["input_ids"][:budget]
-            p = prompt_ids(cfg, tokenizer, tokenizer.decode(content))
+            p = prompt_ids(tokenizer, tokenizer.decode(content), cfg.data.system_prompt)
             seq = (p + answer)[:max_len]
             ids.append(np.asarray(seq, dtype=np.int64))
             prompt_len.append(min(len(p), len(seq) - 1))  # at least one response token carries loss
@@ -231,11 +231,11 @@ class CausalLM(Task):
         return load_causal_lm(meta["model"], meta.get("seed", 0))
 
 
-def prompt_ids(cfg, tokenizer, content: str) -> list[int]:
+def prompt_ids(tokenizer, content: str, system_prompt: str | None) -> list[int]:
     """The prompt as the model sees it: its chat template (system turn, user turn, assistant opening) when it
     has one, else the plain text and a newline."""
     if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []) + [
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": content}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -246,7 +246,6 @@ def generate_from_run(run_dir, prompt: str, max_new_tokens: int | None = None) -
     """The answer of a causal-lm run's exported global model to `prompt` (greedy), as the run scored it."""
     import json
     from pathlib import Path
-    from types import SimpleNamespace
 
     from fedlora.errors import UserError
     from fedlora.models import load_exported_model, load_tokenizer
@@ -261,9 +260,8 @@ def generate_from_run(run_dir, prompt: str, max_new_tokens: int | None = None) -
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     tokenizer = load_tokenizer(meta["model"])
-    cfg = SimpleNamespace(data=SimpleNamespace(system_prompt=meta.get("system_prompt")))
     task = CausalLM()
     task.tokenizer = tokenizer
     model = load_exported_model(adapter)
-    ids = np.asarray(prompt_ids(cfg, tokenizer, prompt), dtype=np.int64)
+    ids = np.asarray(prompt_ids(tokenizer, prompt, meta.get("system_prompt")), dtype=np.int64)
     return task.generate(model, [ids], tokenizer.pad_token_id or 0, max_new_tokens or meta.get("max_new_tokens", 32))[0]

@@ -94,7 +94,7 @@ VALID = {
     "lora.alpha": st.floats(1e-3, 1e4),
     "lora.targets": st.lists(st.sampled_from(["query", "key", "value", "dense"]), min_size=1, max_size=3),
     "lora.train_head": st.booleans(),
-    "lora.rslora": st.booleans(),
+    "lora.scaling": st.sampled_from(["alpha/r", "rslora", "constant"]),
     "strategy.name": st.sampled_from(available_strategies()),
     "optim.name": st.sampled_from(["sgd", "adamw"]),
     "optim.lr": st.floats(1e-8, 10.0),

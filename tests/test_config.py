@@ -137,6 +137,6 @@ def test_strategy_section_validates_its_options_through_the_methods_model():
     first = err.value.errors()[0]
     assert first["loc"] == ("options",) and "strategy 'hetlora': bad options: gamma" in first["msg"]
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["strategy.name=rbla", "strategy.options={gamma=0.5}"])
-    assert str(err.value) == ("invalid config: strategy.options: strategy 'rbla': bad options: gamma: "
+        load_config(None, ["strategy.name=zeropad", "strategy.options={gamma=0.5}"])
+    assert str(err.value) == ("invalid config: strategy.options: strategy 'zeropad': bad options: gamma: "
                               "unknown option (accepted options: none)")

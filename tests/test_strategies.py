@@ -252,7 +252,8 @@ def test_flexlora_wide_modules_use_the_factored_path(seed):
 
 # 6. Zero-padding vs RBLA ------------------------------------------------------------------------------------------
 def shared_slot_round(seed: int):
-    """Clients whose factors agree in every shared slot: client k holds the first r_k slots of one adapter."""
+    """Clients that agree in every shared slot: client k holds the first r_k slots of one adapter (its own ΔW
+    per slot, B expressed at its own scale alpha/r_k; the adapter's B is at the widest client's scale)."""
     rng = np.random.default_rng(seed)
     r_max = 6
     true = {m: (rng.normal(size=(r_max, d_in)), rng.normal(size=(d_out, r_max))) for m, (d_out, d_in) in SHAPES.items()}
@@ -260,8 +261,8 @@ def shared_slot_round(seed: int):
     ranks = rng.integers(1, r_max + 1, size=K)
     ranks[0] = r_max
     ranks[1] = 1  # so that some slots are held by part of the weight only
-    updates = [{m: LoraFactors(A=A[:r].copy(), B=B[:, :r].copy(), scale=ALPHA / r) for m, (A, B) in true.items()}
-               for r in ranks]
+    updates = [{m: LoraFactors(A=A[:r].copy(), B=B[:, :r] * (ALPHA / r_max) / (ALPHA / r), scale=ALPHA / r)
+                for m, (A, B) in true.items()} for r in ranks]
     w = rng.uniform(0.5, 3, size=K)
     p = w / w.sum()
     c = np.array([p[ranks > j].sum() for j in range(r_max)])
@@ -289,8 +290,9 @@ def test_rbla_keeps_slots_undiluted(seed):
     res = get_strategy("rbla").aggregate(updates, w)
     for r in range(1, 7):
         down = res.downlink(r)
-        for m, (A, B) in true.items():
-            assert rel(down[m].A, A[:r]) <= TOL and rel(down[m].B, B[:, :r]) <= TOL
+        for m, (A, B) in true.items():  # every client gets its own factors back, at its own scale
+            assert down[m].scale == ALPHA / r
+            assert rel(down[m].A, A[:r]) <= TOL and rel(down[m].B, B[:, :r] * r / 6) <= TOL
     assert rel(res.slot_weights["attn.q"], c) <= TOL
 
 
@@ -302,11 +304,12 @@ def test_rbla_and_zeropad_match_the_slot_formulas(seed):
     zp = get_strategy("zeropad").aggregate(updates, w)
     for m in SHAPES:
         r_max = max(u[m].rank for u in updates)
+        s_g = max((u[m] for u in updates), key=lambda f: f.rank).scale  # B averaged at the widest scale
         for j in range(r_max):
             holders = [k for k, u in enumerate(updates) if u[m].rank > j]
             cj = sum(p[k] for k in holders)
             a = sum(p[k] * updates[k][m].A[j] for k in holders)
-            b = sum(p[k] * updates[k][m].B[:, j] for k in holders)
+            b = sum(p[k] * updates[k][m].B[:, j] * updates[k][m].scale / s_g for k in holders)
             assert rel(rbla.A[m][j], a / cj) <= TOL and rel(rbla.B[m][:, j], b / cj) <= TOL
             assert rel(zp.A[m][j], a) <= TOL and rel(zp.B[m][:, j], b) <= TOL
 

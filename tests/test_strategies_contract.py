@@ -23,7 +23,7 @@ NAMES = ["fedit", "ffa", "rbla", "zeropad", "hetlora", "flora", "flexlora", "fed
 MIXED = ["ffa", "rbla", "zeropad", "hetlora", "flora", "flexlora"]
 SAME_RANK_ONLY = ["fedit", "fedex", "lora-fair"]
 # Methods whose clients all hold the server's A (random factors per client do not fit them): own test files.
-COMMON_A = ["fedsvd"]
+COMMON_A = ["fedsvd", "rolora", "fedsa", "fedsb"]
 SHAPES = {"q": (8, 8), "v": (8, 8), "out": (6, 11)}  # d_out x d_in; q, v square
 ALPHA = 16.0
 
@@ -525,8 +525,11 @@ def test_unknown_option_is_one_line_listing_the_accepted_ones():
     assert str(err.value) == ("strategy 'hetlora': bad options: gama: unknown option "
                               "(accepted options: gamma, lam, min_rank)")
     with pytest.raises(ValueError) as err:
+        get_strategy("zeropad", lam=0.1)
+    assert str(err.value) == "strategy 'zeropad': bad options: lam: unknown option (accepted options: none)"
+    with pytest.raises(ValueError) as err:
         get_strategy("rbla", lam=0.1)
-    assert str(err.value) == "strategy 'rbla': bad options: lam: unknown option (accepted options: none)"
+    assert str(err.value) == "strategy 'rbla': bad options: lam: unknown option (accepted options: gamma)"
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +158,11 @@ class FederationConfig(_Section):
         return self.clients_per_round or self.num_clients
 
 
+# The scale rule `lora.scaling = "auto"` picks when client ranks differ. Chosen from measurement: see
+# docs/results/paper-rbla-scaling/report.md (issue 18).
+SCALING_FOR_MIXED_RANKS = "alpha/r"
+
+
 class LoraConfigSection(_Section):
     rank: int = Field(8, ge=1, le=1024)
     alpha: float = Field(8.0, gt=0.0)
@@ -164,7 +170,30 @@ class LoraConfigSection(_Section):
     # q_proj/v_proj for Llama, Qwen, Gemma; c_attn for GPT-2.
     targets: list[str] | None = Field(None, min_length=1)
     train_head: bool = True  # classifier head trained and averaged (plain weighted mean)
-    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    # The LoRA scale s(r) of a rank-r client, ΔW = s·B·A: "alpha/r" (PEFT's default), "rslora" (alpha/sqrt(r)),
+    # "constant" (alpha at every rank, so slot j of B means the same on every client). "auto": alpha/r when every
+    # client has one rank, SCALING_FOR_MIXED_RANKS when ranks differ (resolved by ExperimentConfig, written out).
+    scaling: Literal["auto", "alpha/r", "rslora", "constant"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rslora_alias(cls, data):
+        # `rslora = true` (deprecated) means scaling = "rslora"; `rslora = false` (the old default, written into
+        # every old run folder's config.toml) means alpha/r, so an old run resumes with the scale it trained with.
+        if isinstance(data, dict) and "rslora" in data:
+            data = dict(data)
+            rs = data.pop("rslora")
+            if not isinstance(rs, bool):
+                raise ValueError(f"rslora must be true or false, got {rs!r}")
+            if rs:
+                if data.get("scaling", "auto") not in ("auto", "rslora"):
+                    raise ValueError(f"rslora = true contradicts scaling = {data['scaling']!r} (use scaling alone)")
+                warnings.warn("lora.rslora is deprecated: use lora.scaling = \"rslora\"", DeprecationWarning,
+                              stacklevel=2)
+                data["scaling"] = "rslora"
+            elif data.get("scaling", "auto") == "auto":
+                data["scaling"] = "alpha/r"
+        return data
 
     @field_validator("targets")
     @classmethod
@@ -173,8 +202,28 @@ class LoraConfigSection(_Section):
             raise ValueError(f"every target must be a module name, got {v}")
         return v
 
+    @property
+    def rslora(self) -> bool:
+        """Deprecated reader: whether the scale is alpha/sqrt(r)."""
+        return self.scaling == "rslora"
+
+    def resolved_scaling(self, mixed_ranks: bool) -> str:
+        if self.scaling != "auto":
+            return self.scaling
+        return SCALING_FOR_MIXED_RANKS if mixed_ranks else "alpha/r"
+
     def scale(self, rank: int) -> float:
-        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+        """s(r); an unresolved "auto" (a section built alone, outside ExperimentConfig) reads as alpha/r."""
+        rule = self.resolved_scaling(False)
+        return self.alpha / {"alpha/r": rank, "rslora": math.sqrt(rank), "constant": 1.0}[rule]
+
+    def peft_scaling(self, rank: int) -> dict:
+        """PEFT LoraConfig arguments that give a rank-`rank` adapter the scale `scale(rank)` (PEFT computes
+        lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora), so an exported adapter reloads with it."""
+        rule = self.resolved_scaling(False)
+        if rule == "constant":
+            return {"lora_alpha": self.alpha * rank, "use_rslora": False}
+        return {"lora_alpha": self.alpha, "use_rslora": rule == "rslora"}
 
 
 class StrategyConfig(_Section):
@@ -306,6 +355,8 @@ class ExperimentConfig(_Section):
             # model is resolved (or refused in one line) when the model loads.
             self.lora.targets = default_targets(self.model.name)
         ranks = set(self.federation.client_ranks(self.lora.rank))
+        if self.lora.scaling == "auto":  # resolved once and written into config.toml
+            self.lora.scaling = self.lora.resolved_scaling(len(ranks) > 1)
         try:
             strategy = get_strategy(self.strategy.name, **self.strategy.options)
         except (TypeError, AttributeError, ValueError) as exc:  # unknown option, wrong type (gamma = "x"), range

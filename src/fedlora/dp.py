@@ -292,7 +292,8 @@ class ClientLevelDP(PrivacyMechanism):
             ref_factors, ref_head = server.reference(u)  # what this client was sent, at its rank
             now, ref = sent_tensors(u.factors, u.head, sends_A), sent_tensors(ref_factors, ref_head, sends_A)
             # The contribution: the change in the aggregate's coordinates (the head is averaged as sent).
-            weight = {k: 1.0 if k.startswith("head.") else f[i] for k in now}
+            # B enters scaled by f (at the aggregate's one scale); A, R and the head enter as sent.
+            weight = {k: f[i] if k.endswith(".B") and not k.startswith("head.") else 1.0 for k in now}
             clipped, norms[u.client_id] = clip_update({k: (now[k] - ref[k]) * weight[k] for k in now}, clip)
             if i == noisy_at or not linear:
                 clipped = gaussian_noise(clipped, sigma * clip, rng)

@@ -81,7 +81,7 @@ def export_adapter(
             for n, (b, a) in low.items()
         }
         lcfg = cfg.model_copy(deep=True)
-        lcfg.lora.alpha, lcfg.lora.rslora = float(rank), False  # scale 1: B carries Σ
+        lcfg.lora.alpha, lcfg.lora.scaling = float(rank), "alpha/r"  # scale 1: B carries Σ
     else:
         lcfg = cfg
     task = get_task(cfg.task)

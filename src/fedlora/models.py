@@ -217,10 +217,9 @@ def lora_config(cfg: ExperimentConfig, rank: int):
 
     return LoraConfig(
         r=rank,
-        lora_alpha=cfg.lora.alpha,
         target_modules=list(cfg.lora.targets or default_targets(cfg.model.name)),
         lora_dropout=0.0,
-        use_rslora=cfg.lora.rslora,
+        **cfg.lora.peft_scaling(rank),  # lora_alpha, use_rslora: PEFT's scale equals cfg.lora.scale(rank)
         **get_task(cfg.task).lora_options(cfg),  # the head trained beside LoRA, PEFT's task type
     )
 

@@ -21,9 +21,9 @@ class PrefixResult(AggregationResult):
     """One global adapter per module, ΔW_g = scale[m] · B[m] @ A[m]; a rank-r client gets its first r slots.
 
     - `fixed_rank`: only the aggregated rank can be served (FedIT, FedEx, LoRA-FAIR).
-    - `rescale_B`: B[m] is expressed at the global scale; a rank-r client gets B · scale[m] / s_r so that its
-      prefix product is unchanged (FFA with per-rank scales). Otherwise B is handed down as is and the client
-      applies its own scale (factor-averaging methods).
+    - `rescale_B`: B[m] is expressed at the global scale scale[m]; a rank-r client gets B · scale[m] / s_r so
+      that its prefix product s_r·B_r·A_r is the global one (every method that averages B across ranks: FFA,
+      zero-padding, HetLoRA, RBLA, FedIT). Otherwise B is handed down as is.
     - `extend`: supplies slots past the aggregated width; without it larger ranks raise ValueError.
     """
 
@@ -123,45 +123,65 @@ class SlotMemory:
 
     Why: with zero-padding or slot-wise means, a slot nobody holds would become A-row = 0 and B-column = 0,
     a dead slot (both gradients vanish). It keeps its previous global value instead; a slot never aggregated
-    gets a fresh LoRA slot (A row random, B column 0).
+    gets a fresh LoRA slot (A row random, B column 0). B is remembered with the scale it was expressed at and
+    handed back at the scale asked for (the global scale can change when the widest client is not sampled).
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
         self.slots: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.scales: dict[str, float] = {}  # module -> the scale B is expressed at (absent: unknown, as given)
 
-    def rows(self, module: str, lo: int, hi: int, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
-        """(A rows, B columns) for slots lo..hi-1: remembered where available, fresh beyond."""
+    def _B_at(self, module: str, B: np.ndarray, scale: float | None) -> np.ndarray:
+        s_mem = self.scales.get(module)
+        return B if scale is None or s_mem is None or s_mem == scale else B * (s_mem / scale)
+
+    def rows(self, module: str, lo: int, hi: int, d_in: int, d_out: int,
+             scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(A rows, B columns at `scale`) for slots lo..hi-1: remembered where available, fresh beyond."""
         A_mem, B_mem = self.slots.get(module, (np.zeros((0, d_in)), np.zeros((d_out, 0))))
         known = min(hi, A_mem.shape[0])
-        A_parts, B_parts = [A_mem[lo:known]], [B_mem[:, lo:known]]
+        A_parts, B_parts = [A_mem[lo:known]], [self._B_at(module, B_mem[:, lo:known], scale)]
         start = max(lo, known)
         if start < hi:
             A_parts.append(fresh_A_rows(module, start, hi, d_in, self.seed))
             B_parts.append(np.zeros((d_out, hi - start)))
         return np.vstack(A_parts), np.hstack(B_parts)
 
-    def fill_uncovered(self, module: str, A: np.ndarray, B: np.ndarray, covered: np.ndarray) -> None:
-        """In place: slots with zero coverage take their remembered (or fresh) value."""
+    def fill_uncovered(self, module: str, A: np.ndarray, B: np.ndarray, covered: np.ndarray,
+                       scale: float | None = None) -> None:
+        """In place: slots with zero coverage take their remembered (or fresh) value (B at `scale`)."""
         for j in np.flatnonzero(~covered):
-            A[j : j + 1], B[:, j : j + 1] = self.rows(module, j, j + 1, A.shape[1], B.shape[0])
+            A[j : j + 1], B[:, j : j + 1] = self.rows(module, j, j + 1, A.shape[1], B.shape[0], scale)
 
-    def remember(self, module: str, A: np.ndarray, B: np.ndarray) -> None:
-        """New global slots [0, width) replace the old ones; older, wider slots are kept."""
+    def remember(self, module: str, A: np.ndarray, B: np.ndarray, scale: float | None = None) -> None:
+        """New global slots [0, width) replace the old ones; older, wider slots are kept (re-expressed at
+        `scale`, the scale of the new B)."""
         A_old, B_old = self.slots.get(module, (A[:0], B[:, :0]))
         w = A.shape[0]
-        self.slots[module] = (np.vstack([A, A_old[w:]]), np.hstack([B, B_old[:, w:]]))
+        self.slots[module] = (np.vstack([A, A_old[w:]]), np.hstack([B, self._B_at(module, B_old[:, w:], scale)]))
+        if scale is not None:
+            self.scales[module] = float(scale)
 
     def snapshot(self) -> "SlotMemory":
         copy = SlotMemory(self.seed)
         copy.slots = dict(self.slots)  # arrays are replaced, never mutated, after remember()
+        copy.scales = dict(self.scales)
         return copy
 
     def state_dict(self) -> dict:
-        return {m: {"A": A.copy(), "B": B.copy()} for m, (A, B) in self.slots.items()}
+        return {m: {"A": A.copy(), "B": B.copy(), **({"scale": np.float64(self.scales[m])} if m in self.scales else {})}
+                for m, (A, B) in self.slots.items()}
 
     def load_state_dict(self, state: dict) -> None:
         self.slots = {m: (np.asarray(v["A"], float), np.asarray(v["B"], float)) for m, v in state.items()}
+        # Checkpoints written before the scale was kept have none: their B is taken as it is.
+        self.scales = {m: float(np.asarray(v["scale"])) for m, v in state.items() if "scale" in v}
+
+
+def at_scale(f: LoraFactors, scale: float) -> LoraFactors:
+    """The same ΔW = s·B·A with B expressed at `scale`: B·s/scale (bit-identical when the scales agree)."""
+    return f if f.scale == scale else LoraFactors(A=f.A, B=f.B * (f.scale / scale), scale=scale)
 
 
 def slotwise_result(
@@ -173,28 +193,44 @@ def slotwise_result(
     memory: SlotMemory,
     scale_for_rank: ScaleForRank | None,
     result_cls: type[PrefixResult] = PrefixResult,
+    shrink_gamma: float = 0.0,
 ) -> PrefixResult:
     """Shared core of zero-padding, HetLoRA and RBLA.
 
+    What is averaged (one scale for all ranks): A_k as sent, and B̃_k = B_k · s_k / s_g, client k's B expressed at
+    the global scale s_g (the widest client's), so s_g·B̃_k·A_k = s_k·B_k·A_k is client k's own ΔW and slot j
+    means the same on every client whatever the scale rule (alpha/r, rsLoRA, constant).
     Zero-padding (per_slot_mean=False): slot j = Σ_k w_k pad(X_k)[j], diluted by c_j per factor.
-    RBLA (per_slot_mean=True): slot j = Σ_{k: r_k>j} w_k X_k[j] / c_j, undiluted.
-    The global adapter's scale is that of the widest client; uncovered slots come from `memory`.
+    RBLA (per_slot_mean=True): slot j = Σ_{k: r_k>j} w_k X_k[j] / c_j, undiluted; with shrink_gamma = γ > 0,
+    B's slot j is then multiplied by c_j^γ (γ = 1: the product's slot j carries weight c_j, between RBLA's 1 and
+    zero-padding's c_j²). Down: a rank-r client gets A_g[:r] and B_g[:, :r]·s_g/s_r (`rescale_B`), so its
+    ΔW is s_g·B_g[:, :r]·A_g[:r]. Uncovered slots come from `memory`.
     """
-    res = result_cls(method=method, scale_for_rank=scale_for_rank)
+    res = result_cls(method=method, scale_for_rank=scale_for_rank, rescale_B=True)
     for m in modules:
-        factors = [u[m] for u in updates]
+        widest = max(range(len(updates)), key=lambda k: updates[k][m].rank)
+        s_g = updates[widest][m].scale
+        factors = [at_scale(u[m], s_g) for u in updates]
         w = weights_per_module(m)
         A_g, B_g, c = slot_sums(factors, w)
         covered = c > 0
         if per_slot_mean:
             A_g[covered] /= c[covered, None]
             B_g[:, covered] /= c[covered]
-        memory.fill_uncovered(m, A_g, B_g, covered)
-        widest = max(range(len(factors)), key=lambda k: factors[k].rank)
-        res.A[m], res.B[m], res.scale[m] = A_g, B_g, factors[widest].scale
-        res.seen_scales[m] = {f.rank: f.scale for f in reversed(factors)}
+            if shrink_gamma:
+                B_g[:, covered] *= c[covered] ** shrink_gamma
+        memory.fill_uncovered(m, A_g, B_g, covered, s_g)
+        res.A[m], res.B[m], res.scale[m] = A_g, B_g, s_g
+        res.seen_scales[m] = {u[m].rank: u[m].scale for u in reversed(updates)}
         res.slot_weights[m] = c
-        memory.remember(m, A_g, B_g)
+        memory.remember(m, A_g, B_g, s_g)
     snap = memory.snapshot()
-    res.extend = lambda m, lo, hi: snap.rows(m, lo, hi, res.A[m].shape[1], res.B[m].shape[0])
+    res.extend = lambda m, lo, hi: snap.rows(m, lo, hi, res.A[m].shape[1], res.B[m].shape[0], res.scale[m])
     return res
+
+
+def scale_ratios(ranks: Sequence[int], scales: Sequence[float]) -> list[float]:
+    """s_k / s_g (s_g the widest client's scale): the factor by which client k's B enters the average.
+    Client-level DP clips each client's change in these coordinates (see `Strategy.contribution_scales`)."""
+    s_g = scales[max(range(len(ranks)), key=lambda k: ranks[k])]
+    return [s / s_g for s in scales]

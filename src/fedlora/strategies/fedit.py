@@ -7,16 +7,18 @@ from typing import Sequence
 import numpy as np
 
 from .base import LoraFactors, Strategy, Update, validate_updates
-from .common import PrefixResult
+from .common import PrefixResult, at_scale, scale_ratios
 from .registry import register
 
 
 def average_factors(
     updates: Sequence[dict[str, LoraFactors]], p: np.ndarray, module: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(Ā, B̄) = (Σ p_k A_k, Σ p_k B_k) for one module (equal shapes, validated by the caller)."""
+    """(Ā, B̄) = (Σ p_k A_k, Σ p_k B̃_k) for one module (equal shapes, validated by the caller), B̃_k = B_k at the
+    first client's scale (equal ranks have equal scales, so B̃_k = B_k bit for bit; folded in case they differ)."""
+    s = updates[0][module].scale
     A_bar = sum(pk * u[module].A for pk, u in zip(p, updates))
-    B_bar = sum(pk * u[module].B for pk, u in zip(p, updates))
+    B_bar = sum(pk * at_scale(u[module], s).B for pk, u in zip(p, updates))
     return A_bar, B_bar
 
 
@@ -46,3 +48,6 @@ class FedIT(Strategy):
     def aggregate(self, updates: Sequence[Update], weights: Sequence[float]) -> PrefixResult:
         ups, p, modules = validate_updates(updates, weights, self.name, same_ranks=True)
         return averaged_result(self.name, ups, p, modules, self.scale_for_rank)
+
+    def contribution_scales(self, ranks: Sequence[int], scales: Sequence[float]) -> list[float]:
+        return scale_ratios(ranks, scales)  # all 1 with one rank and one scale rule

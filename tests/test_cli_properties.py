@@ -115,7 +115,9 @@ def valid_overrides(draw) -> tuple[list[str], dict]:
         chosen["federation.ranks"] = draw(st.lists(st.integers(1, 64), min_size=1, max_size=5))
         chosen["strategy.name"] = draw(st.sampled_from(MIXED))
     if draw(st.booleans()):
-        chosen["privacy.mode"] = draw(st.sampled_from(["sample", "client"]))
+        modes = ["sample", "client"] if get_strategy(chosen.get("strategy.name", "ffa")).sample_dp_refusal is None \
+            else ["client"]
+        chosen["privacy.mode"] = draw(st.sampled_from(modes))
         chosen["privacy.epsilon"] = draw(st.floats(0.01, 100.0))
     return [f"{k}={toml_value(v)}" for k, v in chosen.items()], chosen
 

@@ -17,7 +17,7 @@ from fedlora.engines.flower_wire import (
     decode_update,
     encode_downlink,
     encode_update,
-    shared_A,
+    seeded_reference,
 )
 from fedlora.strategies import LoraFactors
 
@@ -38,27 +38,33 @@ def _server(cfg, head=HEAD):
     return Server(cfg, build_strategy(cfg, DIMS), DIMS, dict(head), [10] * cfg.federation.num_clients)
 
 
+def _strategy(cfg):
+    from fedlora.federated_run import build_strategy
+
+    return build_strategy(cfg, DIMS)
+
+
 def _factors(rank: int, cfg, rng) -> dict[str, LoraFactors]:
-    A = shared_A(cfg, DIMS, rank)
-    return {m: LoraFactors(A=A[m], B=rng.normal(size=(d_out, rank)).astype(np.float32), scale=cfg.lora.scale(rank))
+    ref = seeded_reference(cfg, DIMS, rank, _strategy(cfg))
+    return {m: LoraFactors(A=ref[m].A, B=rng.normal(size=(d_out, rank)).astype(np.float32), scale=cfg.lora.scale(rank))
             for m, (d_out, _) in DIMS.items()}
 
 
-def test_shared_A_is_the_seeded_prefix_of_the_widest_rank():
+def test_seeded_reference_is_the_prefix_of_the_widest_ranks_init():
     cfg = _cfg()
     widest = lora.initial_factors(cfg.seed, DIMS, 4, cfg.lora.scale(4))
     for rank in (1, 2, 4):
-        for m, A in shared_A(cfg, DIMS, rank).items():
-            assert np.array_equal(A, widest[m].A[:rank])
+        for m, f in seeded_reference(cfg, DIMS, rank, _strategy(cfg)).items():
+            assert np.array_equal(f.A, widest[m].A[:rank]) and not f.B.any() and f.B.shape[1] == rank
 
 
 def test_ffa_downlink_carries_B_and_head_only():
     cfg, rng = _cfg(), np.random.default_rng(0)
     down = Downlink(rank=2, factors=_factors(2, cfg, rng), head=HEAD, round=3)
-    payload = encode_downlink(cfg, down, 1, False, [], 0, cfg.to_toml(), ["neg", "pos"])
+    payload = encode_downlink(cfg, down, 1, _strategy(cfg), [], 0, cfg.to_toml(), ["neg", "pos"])
     assert not any(k.endswith(":A") for k in payload.content["lora"])
     assert payload.nbytes == (6 * 2 + 7 * 2) * 4 + HEAD_BYTES
-    back = decode_downlink(payload.content, cfg, DIMS, sends_A=False)
+    back = decode_downlink(payload.content, cfg, DIMS, _strategy(cfg))
     assert (back.rank, back.round) == (2, 3)
     for m, f in down.factors.items():
         assert np.array_equal(back.factors[m].A, f.A) and np.array_equal(back.factors[m].B, f.B)
@@ -71,22 +77,24 @@ def test_downlink_is_sent_in_the_clients_own_scale():
     cfg, rng = _cfg(), np.random.default_rng(1)
     f = _factors(4, cfg, rng)
     other = {m: LoraFactors(A=x.A, B=x.B.astype(np.float64), scale=x.scale * 2) for m, x in f.items()}
-    payload = encode_downlink(cfg, Downlink(4, other, {}, 1), 0, True, [], 0, "", [])
-    back = decode_downlink(payload.content, cfg, DIMS, sends_A=True)
+    rbla = _cfg("strategy.name=rbla")
+    payload = encode_downlink(rbla, Downlink(4, other, {}, 1), 0, _strategy(rbla), [], 0, "", [])
+    back = decode_downlink(payload.content, rbla, DIMS, _strategy(rbla))
     want = lora.with_scale(other, cfg.lora.scale(4))
     for m in f:
         assert back.factors[m].scale == cfg.lora.scale(4)
         assert np.array_equal(back.factors[m].B, want[m].B.astype(np.float32))
 
 
-def test_update_round_trip_and_bytes_follow_sends_A():
+def test_update_round_trip_and_bytes_follow_what_the_method_sends():
     cfg, rng = _cfg(), np.random.default_rng(2)
     update = Update(client_id=1, rank=4, factors=_factors(4, cfg, rng), head=HEAD, num_examples=17, train_loss=0.5,
                     steps=3, samples=48, train_s=0.25, next_rank=None,
                     privacy={"epsilon": 1.5, "accountant": {"h": [[1.0, 0.1, 3]]}})
-    for method, sends_A, lora_bytes in (("ffa", False, (6 + 7) * 4 * 4), ("rbla", True, (6 + 7 + 5 + 5) * 4 * 4)):
+    for method, lora_bytes in (("ffa", (6 + 7) * 4 * 4), ("rbla", (6 + 7 + 5 + 5) * 4 * 4)):
         server = _server(_cfg(f"strategy.name={method}", "privacy.mode=sample", "privacy.epsilon=3"))
-        up = decode_update(encode_update(update, sends_A, {"base-count": 2}), server, 1)
+        content = encode_update(update, server.strategy, server.up_parts(), {"base-count": 2})
+        up = decode_update(content, server, 1)
         assert up.nbytes == lora_bytes + HEAD_BYTES and up.nbytes_head == HEAD_BYTES
         u = up.update
         assert (u.client_id, u.rank, u.num_examples, u.steps, u.samples, u.next_rank) == (1, 4, 17, 3, 48, None)
@@ -98,7 +106,7 @@ def test_update_round_trip_and_bytes_follow_sends_A():
 def test_malformed_reply_is_one_line_value_error():
     cfg, rng = _cfg(), np.random.default_rng(3)
     update = Update(0, 2, _factors(2, cfg, rng), {}, 5, 0.1, 1, 5, 0.1)
-    content = encode_update(update, True)
+    content = encode_update(update, _strategy(_cfg("strategy.name=rbla")), ("A", "B"))
     content["lora"] = ArrayRecord({k: v for k, v in content["lora"].items() if not k.endswith(":A")})
     with pytest.raises(ValueError, match="malformed reply") as err:
         # a method that sends A must not get the seeded one
@@ -113,16 +121,16 @@ def test_base_deltas_travel_as_factors_and_accumulate_on_the_node():
     entries = [{m: (rng.normal(size=(d_out, 3)), rng.normal(size=(3, d_in))) for m, (d_out, d_in) in DIMS.items()}
                for _ in range(3)]
     state = RecordDict()
-    first = encode_downlink(cfg, Downlink(2, {}, {}, 2), 0, True, entries[:2], 0, "", [])
+    first = encode_downlink(cfg, Downlink(2, {}, {}, 2), 0, _strategy(cfg), entries[:2], 0, "", [])
     assert first.nbytes == 2 * sum((d_out + d_in) * 3 for d_out, d_in in DIMS.values()) * 4
     assert len(store_base(state, decode_base_entries(first.content))) == 2
-    later = encode_downlink(cfg, Downlink(2, {}, {}, 4), 0, True, entries[2:], 2, "", [])
+    later = encode_downlink(cfg, Downlink(2, {}, {}, 4), 0, _strategy(cfg), entries[2:], 2, "", [])
     held = store_base(state, decode_base_entries(later.content))
     assert len(held) == 3
     for got, want in zip(held, entries):
         for m in DIMS:
             assert np.allclose(got[m][0], want[m][0], atol=1e-6) and np.allclose(got[m][1], want[m][1], atol=1e-6)
-    gap = encode_downlink(cfg, Downlink(2, {}, {}, 4), 0, True, entries[:1], 5, "", [])
+    gap = encode_downlink(cfg, Downlink(2, {}, {}, 4), 0, _strategy(cfg), entries[:1], 5, "", [])
     with pytest.raises(ValueError, match="gaps"):
         store_base(state, decode_base_entries(gap.content))
 

@@ -93,7 +93,7 @@ def unchanged(server: Server, c: int) -> Update:
 
 
 def method_ranks(method: str) -> str:
-    return "[4, 16]" if get_strategy(method).supports_mixed_ranks else "[8]"
+    return "[4, 16]" if get_strategy(method).supports_mixed_ranks else "[4]"  # Fed-SB: r <= d_in = 5
 
 
 # Linear methods whose downlink B is the averaged B itself; FedSVD re-factors B̄·A after averaging (its own test).
@@ -151,9 +151,16 @@ def test_linear_methods_aggregate_noise_is_sigma_clip_over_expected_clients(meth
         sizes.append(len(sampled))
         server.finish_round([unchanged(server, c) for c in sampled], sampled)
         _, glob = server.global_eval_factors()  # the widest rank's view: B in the aggregate's scale
-        for f in glob.values():
-            m_j = np.array([expected_count(server, j) for j in range(f.B.shape[1])])
-            draws.append((f.B.astype(np.float64) * m_j[None, :] / (sigma * clip)).ravel())
+        up = server.strategy.roles(1).up
+        measured = ("B",) if "B" in up else up  # FedSA sends A alone, Fed-SB its core R
+        for name, f in glob.items():
+            now = server.strategy.to_parts(name, f, measured)
+            start = server.strategy.to_parts(name, server.initial[name], measured)
+            for part, value in now.items():
+                change = value.astype(np.float64) - start[part]
+                m_j = np.array([expected_count(server, j) for j in range(f.rank)])
+                per_slot = m_j[None, :] if part == "B" else m_j[:, None] if part == "A" else float(M)
+                draws.append((change * per_slot / (sigma * clip)).ravel())
         draws.append(np.concatenate([h.ravel() for h in server.head.values()]).astype(np.float64) * M / (sigma * clip))
     values = np.concatenate(draws)
     assert len(set(sizes)) > 1, "Poisson sampling: the rounds differ in size"

@@ -113,6 +113,15 @@ def assert_same_run(resumed: Path, reference: Path, rounds: int, context) -> Non
     assert s["rounds"] == t["rounds"] == rounds
     if "final_epsilon" in t:
         assert s["final_epsilon"] == pytest.approx(t["final_epsilon"], rel=1e-9), context
+    if "personal_accuracy" in t:
+        assert s["personal_accuracy"] == pytest.approx(t["personal_accuracy"], abs=1e-9), context
+        for c in range(3):  # every client's kept B after the last round it trained in
+            from fedlora.client_state import CLIENT_STATE_DIR, ClientStateStore
+
+            x, y = (ClientStateStore(d / CLIENT_STATE_DIR).load(c, rounds + 1) for d in (resumed, reference))
+            assert sorted(x) == sorted(y), context
+            for k in y:
+                assert np.max(np.abs(x[k] - y[k])) <= 1e-6, (c, k, context)
 
 
 CASES = {
@@ -120,6 +129,8 @@ CASES = {
     # Two of three clients a round and simulated failures: the sampler's RNG must continue where it stopped.
     "sample-dp": (3, ["privacy.mode=sample", "privacy.epsilon=3", "federation.clients_per_round=2"]),
     "flora-base-deltas": (3, ["strategy.name=flora", "federation.dropout=0.3"]),
+    # FedSA: each client's B lives only in its own state (client-state/), never in the server's checkpoint.
+    "fedsa-personal-B": (3, ["strategy.name=fedsa", "federation.clients_per_round=2"]),
 }
 
 

@@ -143,14 +143,13 @@ def apply(content: RecordDict, edits) -> RecordDict:
 
 def run_round(server: Server, crafted: RecordDict, rng: np.random.Generator):
     """Clients 0-2 are honest, client 3's reply is crafted; returns the outcome of the round."""
-    sends_A = server.strategy.sends_A
     updates = []
     for c in range(3):
         up = honest_update(server, c, rng)
         if server.cfg.privacy.mode == "sample":
             up.privacy = {"epsilon": 0.5, "noise_multiplier": 1.0, "sample_rate": 0.5, "dp_steps": 2,
                           "accountant": {"kind": "rdp", "history": [[1.0, 0.5, 2]]}}
-        updates.append(decode_update(encode_update(up, sends_A), server, c).update)
+        updates.append(decode_update(encode_update(up, server.strategy, server.up_parts()), server, c).update)
     start = time.perf_counter()
     try:
         updates.append(decode_update(crafted, server, 3).update)
@@ -181,7 +180,7 @@ def test_a_crafted_reply_never_escapes_the_round_nor_moves_the_model_past_the_bo
     if server.cfg.privacy.mode == "sample":
         honest.privacy = {"epsilon": 0.5, "noise_multiplier": 1.0, "sample_rate": 0.5, "dp_steps": 2,
                           "accountant": {"kind": "rdp", "history": [[1.0, 0.5, 2]]}}
-    crafted = apply(encode_update(honest, server.strategy.sends_A), edits)
+    crafted = apply(encode_update(honest, server.strategy, server.up_parts()), edits)
     _, before = server.global_eval_factors()
     before = {m: LoraFactors(A=f.A.astype(np.float64), B=f.B.astype(np.float64), scale=f.scale) for m, f in before.items()}
     outcome = run_round(server, crafted, rng)
@@ -199,7 +198,7 @@ def test_each_named_attack_is_refused_with_a_reason():
     fedit = make_server("fedit")
 
     def reply(server, **metric):
-        content = encode_update(honest_update(server, 3, rng), server.strategy.sends_A)
+        content = encode_update(honest_update(server, 3, rng), server.strategy, server.up_parts())
         for k, v in metric.items():
             content["metrics"][k] = v
         return content
@@ -247,14 +246,42 @@ def test_each_named_attack_is_refused_with_a_reason():
 
 
 def test_a_strategy_refusing_one_client_rejects_that_client_not_the_round():
-    server = make_server("ffa")
+    from fedlora.strategies.fedit import FedIT
+
+    class Picky(FedIT):
+        """Refuses any update whose first B entry is exactly 7 (a stand-in for a method's own check)."""
+
+        def aggregate(self, updates, weights):
+            for k, u in enumerate(updates):
+                if any(f.B[0, 0] == 7.0 for f in u.values()):
+                    raise ValueError(f"client {k}: B starts with 7")
+            return super().aggregate(updates, weights)
+
+    cfg = load_config(None, ["federation.num_clients=4", "strategy.name=fedit"])
+    server = Server(cfg, Picky(scale_for_rank=cfg.lora.scale), DIMS, {k: v.copy() for k, v in HEAD.items()}, [10] * 4)
     rng = np.random.default_rng(1)
     ups = [honest_update(server, c, rng) for c in range(3)]
-    # An FFA client whose A is not the shared one: FFA's own check refuses it.
-    bad = ups[2]
-    bad.factors = {m: LoraFactors(A=f.A + 1.0, B=f.B, scale=f.scale) for m, f in bad.factors.items()}
+    for f in ups[2].factors.values():
+        f.B[0, 0] = 7.0
     outcome = server.finish_round(ups, [0, 1, 2])
-    assert outcome.trained == [0, 1] and "refused by ffa" in outcome.rejected[2]
+    assert outcome.trained == [0, 1] and "refused by" in outcome.rejected[2] and "starts with 7" in outcome.rejected[2]
+
+
+def test_the_server_reads_only_the_parts_a_client_sends():
+    """An FFA client's own A (never sent on the wire) is replaced by the server's: the aggregate is unchanged."""
+    rng = np.random.default_rng(2)
+    results = []
+    for tamper in (False, True):
+        server = make_server("ffa")
+        ups = [honest_update(server, c, np.random.default_rng(c)) for c in range(3)]
+        if tamper:
+            ups[2].factors = {m: LoraFactors(A=f.A + rng.normal(size=f.A.shape).astype(np.float32), B=f.B,
+                                             scale=f.scale) for m, f in ups[2].factors.items()}
+        outcome = server.finish_round(ups, [0, 1, 2])
+        assert outcome.trained == [0, 1, 2]
+        results.append(server.global_eval_factors()[1])
+    for m in results[0]:
+        assert np.array_equal(results[0][m].A, results[1][m].A) and np.array_equal(results[0][m].B, results[1][m].B)
 
 
 def test_one_client_cannot_dominate_by_magnitude():

@@ -6,7 +6,7 @@ The same trainer runs in-process (engines/local.py) and inside a Flower ClientAp
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedlora import lora
+from fedlora.client_state import ClientStateStore
 from fedlora.config import ExperimentConfig
 from fedlora.models import ModelHost, model_device, to_device
 from fedlora.strategies import LoraFactors, Strategy
@@ -147,31 +148,80 @@ def fresh_factors(cfg: ExperimentConfig, dims, rank: int, round_idx: int, client
 
 
 class ClientTrainer:
-    """Trains one client's adapter on the shared model host. Stateless between calls except the host."""
+    """Trains one client's adapter on the shared model host.
 
-    def __init__(self, cfg: ExperimentConfig, host: ModelHost, strategy: Strategy):
+    What a client keeps between rounds and never sends (the method's `personal` parts: FedSA's B) lives in
+    `store`, keyed by client and round; engines give it a folder that survives a resume. Nothing else is kept."""
+
+    def __init__(self, cfg: ExperimentConfig, host: ModelHost, strategy: Strategy,
+                 store: ClientStateStore | None = None):
         self.cfg = cfg
         self.host = host
         self.strategy = strategy
+        self.store = store if store is not None else ClientStateStore()
         self.pad_id = host.tokenizer.pad_token_id or 0
         self.dims = lora.module_dims(host.model)
         self.task = host.task
 
     def load(self, down: Downlink, client_id: int) -> str:
-        """Put the downlink into the adapter of the client's rank; return the adapter name."""
+        """Put the downlink (and the client's own personal parts) into the adapter of the client's rank; return
+        the adapter name."""
         rank = down.rank
         adapter = self.host.ensure_rank(rank)
         factors = down.factors or fresh_factors(self.cfg, self.dims, rank, down.round, client_id)
-        lora.set_factors(self.host.model, adapter, lora.with_scale(factors, self.cfg.lora.scale(rank)))
+        factors = lora.with_scale(factors, self.cfg.lora.scale(rank))
+        personal = self.strategy.roles(down.round).personal
+        if personal:
+            kept = self.store.load(client_id, before_round=down.round)
+            if kept:  # a client's first round starts from the downlink's init
+                factors = {m: self.strategy.from_parts(m, {p: kept[personal_key(m, p)] for p in personal}, f)
+                           for m, f in factors.items()}
+        lora.set_factors(self.host.model, adapter, factors)
         if down.head:
             lora.set_head(self.host.model, adapter, down.head)
         return adapter
 
+    def save_personal(self, client_id: int, round_idx: int, factors: dict[str, LoraFactors]) -> None:
+        personal = self.strategy.roles(round_idx).personal
+        if personal:
+            self.store.save(client_id, round_idx, {personal_key(m, p): a for m, f in factors.items()
+                                                   for p, a in self.strategy.to_parts(m, f, personal).items()})
+
     def train(self, client_id: int, down: Downlink, data: EncodedData, dp=None) -> Update:
         """Local training. `dp` (the client state of `dp.SampleLevelDP`) trains with DP-SGD and its accountant."""
-        cfg = self.cfg
         adapter = self.load(down, client_id)
-        params = self.host.activate(down.rank, train_A=self.strategy.trains_A)
+        roles = self.strategy.roles(down.round)
+        model = self.host.model
+        # Fed-SB trains only the r x r core R of A = R·A0: lora_A is parametrized for the length of the training.
+        core = lora.trained_through_core(model, adapter, self.strategy.core_basis()) if "R" in roles.train \
+            else nullcontext()
+        with core:
+            losses, samples, train_s, tail_before = self._train_loop(adapter, roles, client_id, down, data, dp)
+        factors = lora.get_factors(model, adapter)
+        self.save_personal(client_id, down.round, factors)
+        next_rank = None
+        if tail_before is not None:
+            next_rank = self.strategy.pruned_rank(down.rank, tail_before, self._tail_norm(adapter))
+        return Update(
+            client_id=client_id,
+            rank=down.rank,
+            factors=factors,
+            head=lora.get_head(model, adapter),
+            num_examples=len(data),
+            train_loss=float(np.mean(losses)) if losses else float("nan"),
+            steps=len(losses),
+            samples=samples,
+            train_s=train_s,
+            next_rank=next_rank,
+            privacy=dp.report() if dp is not None else {},
+        )
+
+    def _train_loop(self, adapter: str, roles, client_id: int, down: Downlink, data: EncodedData,
+                    dp) -> tuple[list[float], int, float, float | None]:
+        """The local steps: (losses, samples, seconds, HetLoRA's tail norm before training or None)."""
+        cfg = self.cfg
+        train_A = "A" in roles.train or "R" in roles.train
+        params = self.host.activate(down.rank, train_A=train_A, train_B="B" in roles.train)
         head = [p for n, p in self.host.model.named_parameters() if p.requires_grad and ".modules_to_save." in n]
         optimizer = make_optimizer(cfg, params, head)
         rng = np.random.default_rng([cfg.seed, down.round, client_id])
@@ -205,24 +255,7 @@ class ClientTrainer:
         train_s = time.perf_counter() - start
         for p in params:
             p.requires_grad_(False)
-
-        factors = lora.get_factors(model, adapter)
-        next_rank = None
-        if tail_before is not None:
-            next_rank = self.strategy.pruned_rank(down.rank, tail_before, self._tail_norm(adapter))
-        return Update(
-            client_id=client_id,
-            rank=down.rank,
-            factors=factors,
-            head=lora.get_head(model, adapter),
-            num_examples=len(data),
-            train_loss=float(np.mean(losses)) if losses else float("nan"),
-            steps=len(losses),
-            samples=samples,
-            train_s=train_s,
-            next_rank=next_rank,
-            privacy=dp.report() if dp is not None else {},
-        )
+        return losses, samples, train_s, tail_before
 
     # The tail penalty (HetLoRA): on the tail slots of the factors, so a client can prune its own rank.
     def _tail_norm(self, adapter: str) -> float:
@@ -236,6 +269,11 @@ class ClientTrainer:
             keep = self.strategy.kept_slots(A.shape[0])
             total = total + B[:, keep:].norm() * A[keep:, :].norm()
         return self.strategy.client_penalty * total
+
+
+def personal_key(module: str, part: str) -> str:
+    """The store key of a personal part (FedSA's B) of one module."""
+    return f"personal/{module}.{part}"
 
 
 def client_round(trainer: "ClientTrainer", client_id: int, down: Downlink, data: EncodedData, dp=None) -> Update | str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+CLIENT_STATE_DIR = "client-state"  # the store's folder inside a run folder (engines local and flower-sim)
 _ROUND_FILE = re.compile(r"^round-(\d+)\.npz$")
 
 
@@ -61,6 +62,12 @@ class ClientStateStore:
             return {}
         with np.load(self._folder(client_id) / f"round-{max(usable)}.npz", allow_pickle=False) as z:
             return {k: np.array(z[k]) for k in z.files}
+
+    def in_memory(self) -> dict[int, dict[int, dict[str, np.ndarray]]]:
+        """client -> round -> state, of a store without a folder (to persist it elsewhere, e.g. Flower's state)."""
+        if self.root is not None:
+            raise ValueError("this store is on disk")
+        return self._memory
 
     def _folder(self, client_id: int) -> Path:
         assert self.root is not None

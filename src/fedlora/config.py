@@ -116,6 +116,12 @@ class FederationConfig(_Section):
     # "trimmed-mean" (trim_fraction of the clients cut at each end, per coordinate). Weights are then ignored.
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    # Uploads on the wire (fedlora.compression): the change of what a client sends, in fp16, in int8 with
+    # stochastic rounding (a scale per row or per tensor), or its top-k entries with the rest kept on the client
+    # (error feedback). bytes_up counts what is sent.
+    compression: Literal["none", "fp16", "int8", "topk"] = "none"
+    int8_scale: Literal["row", "tensor"] = "row"
+    topk_fraction: float = Field(0.1, gt=0.0, le=1.0)
 
     @field_validator("ranks")
     @classmethod
@@ -295,6 +301,12 @@ class PrivacyConfig(_Section):
     # match (same epsilon as "flat"; see privacy.dpsgd.GroupClipDPOptimizer). "flat": one bound `clip` for all.
     clipping: Literal["flat", "group"] = "flat"
     lora_clip: float = Field(0.05, gt=0.0)
+    # Secure aggregation (fedlora.secagg, Flower's SecAgg+): the server learns only the sum of the clients'
+    # uploads. A client's mask is recovered from secagg_threshold x its shares when it drops out mid-protocol.
+    secure_aggregation: bool = False
+    secagg_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    secagg_clip: float = Field(8.0, gt=0.0)  # each weighted value is clipped to [-clip, clip] before quantizing
+    secagg_bits: int = Field(22, ge=8, le=26)  # quantization to 2**bits levels (the masks' modulus is 2**32)
 
     @model_validator(mode="after")
     def _target_or_sigma(self):
@@ -377,10 +389,22 @@ class ExperimentConfig(_Section):
             if why:
                 raise ValueError(f"federation.aggregation={self.federation.aggregation!r} does not fit this run: {why}")
         if len(ranks) > 1 and not strategy.supports_mixed_ranks:
+            from fedlora.strategies import available_strategies, strategy_class
+
+            mixed = [n for n in available_strategies() if strategy_class(n).supports_mixed_ranks]
             raise ValueError(
                 f"strategy {self.strategy.name!r} cannot aggregate clients of different ranks "
-                f"{sorted(ranks)}: it averages A and B element-wise; use ffa, rbla, zeropad, hetlora, flora or flexlora"
+                f"{sorted(ranks)}: {strategy.mixed_ranks_refusal}; use one of {', '.join(mixed)}"
             )
+        if self.privacy.mode == "sample" and strategy.sample_dp_refusal:
+            raise ValueError(f"strategy {self.strategy.name!r} cannot run with privacy.mode=sample: "
+                             f"{strategy.sample_dp_refusal}")
+        if self.privacy.secure_aggregation:
+            from fedlora.secagg import config_refusal
+
+            why = config_refusal(self, strategy)
+            if why:
+                raise ValueError(why)
         return self
 
     def client_ranks(self) -> list[int]:

@@ -161,23 +161,21 @@ def privacy_metrics(cfg: ExperimentConfig, reports: dict[int, dict]) -> dict:
 
 
 # -- what clients send, as flat arrays ---------------------------------------------------------------------------
-def sent_tensors(update_factors: dict[str, LoraFactors], head: dict[str, np.ndarray], sends_A: bool) -> dict[str, np.ndarray]:
-    """The arrays a client puts on the wire, flat by name (FFA: B and head only)."""
+def sent_tensors(strategy, parts, factors: dict[str, LoraFactors], head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays a client puts on the wire, flat by "<module>.<part>" and "head.<name>" (FFA: B and head)."""
     out = {}
-    for name, f in update_factors.items():
-        out[f"{name}.B"] = np.asarray(f.B, np.float64)
-        if sends_A:
-            out[f"{name}.A"] = np.asarray(f.A, np.float64)
+    for name, f in factors.items():
+        for part, arr in strategy.to_parts(name, f, parts).items():
+            out[f"{name}.{part}"] = np.asarray(arr, np.float64)
     for name, h in head.items():
         out[f"head.{name}"] = np.asarray(h, np.float64)
     return out
 
 
-def from_sent(tensors: dict[str, np.ndarray], like: dict[str, LoraFactors], head_like: dict[str, np.ndarray],
-              sends_A: bool) -> tuple[dict[str, LoraFactors], dict[str, np.ndarray]]:
-    """Factors and head back from `sent_tensors` arrays (A kept from `like` when it is not sent)."""
-    factors = {n: LoraFactors(A=tensors[f"{n}.A"] if sends_A else f.A, B=tensors[f"{n}.B"], scale=f.scale)
-               for n, f in like.items()}
+def from_sent(strategy, parts, tensors: dict[str, np.ndarray], like: dict[str, LoraFactors],
+              head_like: dict[str, np.ndarray]) -> tuple[dict[str, LoraFactors], dict[str, np.ndarray]]:
+    """Factors and head back from `sent_tensors` arrays (the parts not sent are kept from `like`)."""
+    factors = {n: strategy.from_parts(n, {p: tensors[f"{n}.{p}"] for p in parts}, f) for n, f in like.items()}
     return factors, {n: tensors[f"head.{n}"].astype(np.float32) for n in head_like}
 
 
@@ -279,7 +277,7 @@ class ClientLevelDP(PrivacyMechanism):
 
     def prepare(self, server, updates: list) -> tuple[list, list[float], dict]:
         clip, sigma = self.cfg.privacy.clip, self.sigma
-        strategy, sends_A = server.strategy, server.strategy.sends_A
+        strategy, parts = server.strategy, server.up_parts()
         rng = np.random.default_rng([self.cfg.seed, server.round + 1, 99])
         linear = strategy.linear
         f = [1.0] * len(updates)
@@ -290,7 +288,7 @@ class ClientLevelDP(PrivacyMechanism):
         out, norms = [], {}
         for i, u in enumerate(updates):
             ref_factors, ref_head = server.reference(u)  # what this client was sent, at its rank
-            now, ref = sent_tensors(u.factors, u.head, sends_A), sent_tensors(ref_factors, ref_head, sends_A)
+            now, ref = sent_tensors(strategy, parts, u.factors, u.head), sent_tensors(strategy, parts, ref_factors, ref_head)
             # The contribution: the change in the aggregate's coordinates (the head is averaged as sent).
             # B enters scaled by f (at the aggregate's one scale); A, R and the head enter as sent.
             weight = {k: f[i] if k.endswith(".B") and not k.startswith("head.") else 1.0 for k in now}
@@ -299,7 +297,8 @@ class ClientLevelDP(PrivacyMechanism):
                 clipped = gaussian_noise(clipped, sigma * clip, rng)
             if linear:  # the strategy's mean over the round's D_j replies becomes the noisy sum over m_j
                 clipped = {k: v * spread(k, v.shape) for k, v in clipped.items()}
-            factors, head = from_sent({k: ref[k] + clipped[k] / weight[k] for k in now}, u.factors, u.head, sends_A)
+            factors, head = from_sent(strategy, parts, {k: ref[k] + clipped[k] / weight[k] for k in now}, u.factors,
+                                      u.head)
             out.append(replace(u, factors=factors, head=head))
         extra = {"clip_norms": {str(k): v for k, v in norms.items()},
                  "noise_placement": "sum" if linear else "each", "expected_clients": self.expected_clients()}
@@ -368,8 +367,8 @@ def robust_center(server, updates: list, rule: str, trim: float):
     update, so aggregating the center gives the robust aggregate. Weights are ignored (as in the robust
     statistics literature: a weight is as untrusted as the values).
     """
-    sends_A = server.strategy.sends_A
-    tensors = [sent_tensors(u.factors, u.head, sends_A) for u in updates]
+    strategy, parts = server.strategy, server.up_parts()
+    tensors = [sent_tensors(strategy, parts, u.factors, u.head) for u in updates]
     center = {}
     for k in tensors[0]:
         stack = np.stack([t[k] for t in tensors])
@@ -379,7 +378,7 @@ def robust_center(server, updates: list, rule: str, trim: float):
             cut = int(math.floor(trim * len(updates)))
             ordered = np.sort(stack, axis=0)
             center[k] = ordered[cut: len(updates) - cut].mean(axis=0)
-    factors, head = from_sent(center, updates[0].factors, updates[0].head, sends_A)
+    factors, head = from_sent(strategy, parts, center, updates[0].factors, updates[0].head)
     return replace(updates[0], factors=factors, head=head)
 
 

@@ -167,6 +167,8 @@ def run_summary(cfg: ExperimentConfig, server, rows: list[dict], before: tuple[f
         "dropped_total": sum(len(r.get("dropped", [])) for r in rows),
         **extra,
     }
+    if rows and "personal_accuracy" in rows[-1]:  # FedSA: the clients' own models, scored on their side
+        summary["personal_accuracy"] = rows[-1]["personal_accuracy"]
     if rows and cfg.privacy.mode != "none":
         summary["final_epsilon"] = rows[-1].get("epsilon")
         summary["delta"] = cfg.privacy.delta

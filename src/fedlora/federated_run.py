@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from fedlora.errors import UserError
 
+import shutil
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 from fedlora import lora
 from fedlora.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fedlora.client import Update
+from fedlora.client_state import CLIENT_STATE_DIR
 from fedlora.config import ExperimentConfig, RoundFailed
 from fedlora.experiment import (
     FederatedData,
@@ -49,6 +51,10 @@ class RoundReplies:
     dropped: dict[int, str]  # client -> why it sent nothing usable (failure, timeout, budget, malformed)
     traffic: tuple[int, int, int] | None = None  # (bytes up, bytes up of the head, bytes down) on a real wire
     extra: dict = field(default_factory=dict)  # engine-specific metrics for the row
+    # Secure aggregation (fedlora.secagg): the round's sum instead of `updates`, or why the protocol halted
+    # (too few clients left to unmask): that round then changes nothing and the run goes on.
+    summed: Any = None  # fedlora.secagg.SummedRound
+    failed: str | None = None
 
 
 class Transport(ABC):
@@ -70,6 +76,11 @@ class Transport(ABC):
     def round_metrics(self, run: "Run") -> dict:
         """Extra keys for the round's metrics row, after the global model of the round exists."""
         return {}
+
+    def personal_eval(self, run: "Run") -> tuple[float, int] | None:
+        """Methods with personal parts (FedSA): each client's own model (the global parts plus its personal
+        ones), scored where the client lives: (example-weighted mean accuracy, clients scored), or None."""
+        return None
 
     def state_dict(self) -> dict:
         """Transport state a resumed run needs (kept in the checkpoint)."""
@@ -170,6 +181,7 @@ class Run:
             # A fresh run in a folder that held another run: a kill before round 1 ends must not leave that
             # run's checkpoint for `fedlora resume` to mix into this one.
             (self.run_dir / "checkpoint" / CHECKPOINT_FILE).unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / CLIENT_STATE_DIR, ignore_errors=True)
             self.before = self.evaluate_global()
             self.progress.note(f"held-out accuracy before training: {self.before[1]:.4f} "
                                f"({len(self.data.test)} examples)")
@@ -185,7 +197,14 @@ class Run:
             # Aggregate in client order whatever the arrival order: float sums then agree across engines.
             updates = sorted(replies.updates, key=lambda u: u.client_id)
             try:
-                outcome = server.finish_round(updates, sampled, cfg.federation.max_update_norm)
+                if replies.failed is not None:
+                    outcome = server.skip_round(sampled)
+                    self.progress.note(f"round {server.round}: no aggregate: {replies.failed}")
+                elif replies.summed is not None:
+                    outcome = server.finish_summed_round(replies.summed, sampled)
+                    updates = sorted(replies.summed.members, key=lambda u: u.client_id)
+                else:
+                    outcome = server.finish_round(updates, sampled, cfg.federation.max_update_norm)
             except RoundFailed as exc:  # name the clients that never sent anything too
                 why = "; ".join(f"client {c}: {r}" for c, r in sorted(dropped.items()))
                 raise RoundFailed(f"{exc}" + (f" (no update: {why})" if why else "")) from None
@@ -196,7 +215,15 @@ class Run:
             row = metrics_row(cfg, server, outcome, updates, sampled, dropped, evaluation,
                               time.perf_counter() - t_round, traffic=replies.traffic)
             row.update(replies.extra)
+            if replies.failed is not None:
+                row["failed"] = replies.failed
             row.update(transport.round_metrics(self))
+            if server.strategy.roles(server.round).personal and server.round == cfg.federation.rounds:
+                personal = transport.personal_eval(self)
+                if personal is not None:
+                    row["personal_accuracy"], row["personal_clients"] = personal
+                    self.progress.note(f"personalised accuracy (each client's own model, {personal[1]} clients): "
+                                       f"{personal[0]:.4f}")
             writer.write(row)
             self.save_checkpoint(transport)
             self.progress.end_round(row)

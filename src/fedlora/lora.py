@@ -7,6 +7,8 @@ Module names are the PEFT names with the `base_model.model.` wrapper prefix remo
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,6 +36,44 @@ def get_factors(model: torch.nn.Module, adapter: str) -> dict[str, LoraFactors]:
         B = layer.lora_B[adapter].weight.detach().float().cpu().numpy().copy()
         out[name] = LoraFactors(A=A, B=B, scale=float(layer.scaling[adapter]))
     return out
+
+
+class _ThroughFixedA(torch.nn.Module):
+    """lora_A's weight as R @ A0 with A0 fixed (orthonormal rows): Fed-SB trains only the r x r core R."""
+
+    def __init__(self, A0: np.ndarray):
+        super().__init__()
+        self.register_buffer("A0", torch.from_numpy(np.asarray(A0, dtype=np.float32)))
+
+    def forward(self, R: torch.Tensor) -> torch.Tensor:
+        return R @ self.A0.to(R.dtype)
+
+    def right_inverse(self, A: torch.Tensor) -> torch.Tensor:
+        return A @ self.A0.to(A.dtype).T  # exact for A in the row space of A0 (A0 A0ᵀ = I)
+
+
+@contextmanager
+def trained_through_core(model: torch.nn.Module, adapter: str, A0: dict[str, np.ndarray]) -> Iterator[None]:
+    """While inside: every lora_A of `adapter` is R @ A0[module] with R (r x r) its only parameter (what an
+    optimizer built inside trains). On exit the weight is a plain, frozen parameter again holding R @ A0, so
+    evaluation, merging and PEFT's saving see an ordinary LoRA.
+
+    torch's parametrize does this without a custom layer: the forward, Opacus-free training and every reader
+    of `lora_A.weight` work unchanged."""
+    from torch.nn.utils import parametrize
+
+    layers = lora_layers(model)
+    wrapped = []
+    try:
+        for name, layer in layers.items():
+            mod = layer.lora_A[adapter]
+            parametrize.register_parametrization(mod, "weight", _ThroughFixedA(A0[name]), unsafe=True)
+            wrapped.append(mod)
+        yield
+    finally:
+        for mod in wrapped:
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+            mod.weight.requires_grad_(False)
 
 
 @torch.no_grad()

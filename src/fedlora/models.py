@@ -300,14 +300,15 @@ class ModelHost:
             self.ranks.add(rank)
         return name
 
-    def activate(self, rank: int, train_A: bool) -> list[torch.nn.Parameter]:
-        """Make the rank's adapter active; return the trainable parameters (B, A unless frozen, head)."""
+    def activate(self, rank: int, train_A: bool, train_B: bool = True) -> list[torch.nn.Parameter]:
+        """Make the rank's adapter active; return the trainable parameters (the factors asked for, the head).
+        A parametrized lora_A (Fed-SB's R) counts as A: its parameter lives under `.lora_A.`."""
         name = self.ensure_rank(rank)
         self.model.set_adapter(name)
         trainable = []
         for pname, p in self.model.named_parameters():
             train = f".{name}." in pname and (
-                ".lora_B." in pname or (".lora_A." in pname and train_A) or ".modules_to_save." in pname
+                (".lora_B." in pname and train_B) or (".lora_A." in pname and train_A) or ".modules_to_save." in pname
             )
             p.requires_grad_(train)
             if train:

@@ -21,6 +21,7 @@ from fedlora import lora
 from fedlora.client import Downlink, Update
 from fedlora.config import ExperimentConfig, RoundFailed
 from fedlora.strategies import WIRE_BYTES, AggregationResult, LoraFactors, Strategy, weighted_mean
+from fedlora.strategies.base import parts_nbytes
 
 MAX_EXAMPLES = 10**9  # the largest example count (a client's aggregation weight) the server accepts
 
@@ -64,10 +65,12 @@ class Server:
         self.head = head
         self.base_delta: dict[str, np.ndarray] = {}  # everything merged into the base weights so far
         r_max = max(self.client_ranks)
-        # Round 1 starts from the PEFT init every client can derive from the seed: A seeded, B = 0.
-        self.initial: dict[str, LoraFactors] = lora.initial_factors(cfg.seed, dims, r_max, cfg.lora.scale(r_max))
+        # Round 1 starts from what every client can derive from the seed: the PEFT init (A seeded, B = 0), or the
+        # method's own start from it (Fed-SB: fixed B0, R = 0).
+        self.initial: dict[str, LoraFactors] = strategy.starting_factors(
+            lora.initial_factors(cfg.seed, dims, r_max, cfg.lora.scale(r_max)))
         self._downlinks: dict[int, dict[str, LoraFactors]] = {}
-        self._down_nbytes: dict[int, int] = {}
+        self._base_nbytes = 0  # bytes of the base deltas the last round added (sent with the next downlinks)
         self._fresh = True  # the downlinks are prefixes of the seeded init
         self.rng = np.random.default_rng([cfg.seed, 1])
         self.privacy: dict[int, dict] = {}  # last privacy report per client (accountant state, epsilon)
@@ -87,13 +90,16 @@ class Server:
         return Downlink(rank=rank, factors=self.downlink_factors(rank), head=self.head, round=self.round + 1)
 
     def downlink_nbytes(self, rank: int) -> int:
+        """Bytes sent to a rank-`rank` client this round: the parts the method sends down (the seeded init is
+        sent like any other adapter: a FedIT-style client still gets A), the head, new base deltas."""
         head = sum(h.size for h in self.head.values()) * WIRE_BYTES
-        if self._fresh:
-            # The seeded init: A is derived from the seed, B is zero; a FedIT-style client still gets A sent.
-            per = sum((d_out * rank) + (rank * d_in if self.strategy.downlink_A() else 0)
-                      for d_out, d_in in self.dims.values())
-            return per * WIRE_BYTES + head
-        return self._down_nbytes[rank] + head
+        factors = 0 if self.strategy.fresh_lora_each_round and not self._fresh \
+            else parts_nbytes(self.strategy.roles(self.round + 1).down, rank, self.dims)
+        return factors + head + (0 if self._fresh else self._base_nbytes)
+
+    def up_parts(self) -> tuple[str, ...]:
+        """What clients send in the round being run (the server reads nothing else of an update)."""
+        return self.strategy.roles(self.round + 1).up
 
     # -- rounds ----------------------------------------------------------------------------------
     def sample_clients(self) -> list[int]:
@@ -171,7 +177,7 @@ class Server:
             if reason:
                 rejected[u.client_id if isinstance(u.client_id, int) else -1] = reason
             else:
-                good.append(u)
+                good.append(self._as_sent(u))
                 seen.add(u.client_id)
         good, norms = self._bound_norms(good, rejected, max_norm)
         self._enough(good, rejected)
@@ -179,7 +185,7 @@ class Server:
 
         result, good, extra = self._aggregate(good, rejected)
         extra["update_norms"] = {str(u.client_id): norms[u.client_id] for u in good}
-        bytes_up_lora = sum(self.strategy.uplink_nbytes(u.factors) for u in good)
+        bytes_up_lora = sum(self.strategy.uplink_nbytes(u.factors, self.round + 1) for u in good)
         bytes_up_head = sum(sum(h.size for h in u.head.values()) * WIRE_BYTES for u in good)
 
         for name, d in result.base_delta.items():
@@ -191,7 +197,7 @@ class Server:
         self.mechanism.after_round(self, good)
         ranks_needed = set(self.client_ranks) | {max(self.client_ranks)}
         self._downlinks = {} if self.strategy.fresh_lora_each_round else {r: result.downlink(r) for r in ranks_needed}
-        self._down_nbytes = {r: int(result.downlink_nbytes(r)) for r in ranks_needed}
+        self._base_nbytes = int(result.base_delta_nbytes())
         self.round += 1
         return RoundOutcome(
             base_delta=dict(result.base_delta),
@@ -202,6 +208,58 @@ class Server:
             bytes_down=bytes_down,
             extra=extra,
         )
+
+    # -- secure aggregation (fedlora.secagg): the server holds the round's sum, never one update ---------------
+    def finish_summed_round(self, summed, sampled: list[int]) -> RoundOutcome:
+        """A round under secure aggregation. `summed.mean` is the weighted mean of the members' uploads at the
+        widest member's rank, the one update the strategy aggregates; `summed.members` carry each contributor's
+        metadata only (id, rank, weight, loss, privacy report). Checks that need one client's update (norm
+        bounds, a strategy refusing one client) cannot run; a member whose metadata does not check out cannot
+        be taken out of the sum, so it fails the round. Raises RoundFailed."""
+        members = summed.members
+        bad = {}
+        for u in members:
+            rank = self.expected_rank(u.client_id) if 0 <= u.client_id < len(self.client_ranks) else None
+            why = ("not sampled this round" if u.client_id not in sampled else
+                   f"rank {u.rank} differs from its assigned rank {rank}" if u.rank != rank else
+                   self.mechanism.check_report(self, u))
+            if why:
+                bad[u.client_id] = why
+        if bad or len({u.client_id for u in members}) != len(members):
+            raise RoundFailed(f"round {self.round + 1}: secure aggregation: a summed client does not check out "
+                              f"({'; '.join(f'client {c}: {r}' for c, r in sorted(bad.items())) or 'duplicate'})")
+        self._enough(members, {})
+        mean = self._as_sent(summed.mean)
+        reason = self.check_update(replace(mean, privacy=next(u.privacy for u in members if u.client_id == mean.client_id)))
+        if reason:
+            raise RoundFailed(f"round {self.round + 1}: secure aggregation: the summed update is invalid: {reason}")
+        saved = copy.deepcopy(self.strategy.state_dict())
+        try:
+            result = self.strategy.aggregate([mean.factors], [1.0])
+        except ValueError as exc:
+            self.strategy.load_state_dict(saved)
+            raise RoundFailed(f"round {self.round + 1}: {self.strategy.name} refused the secure sum: {exc}") from None
+        if mean.head:
+            self.head = {k: np.asarray(v, np.float32) for k, v in mean.head.items()}
+        bytes_down = sum(self.downlink_nbytes(self.client_ranks[c]) for c in sampled)
+        for name, d in result.base_delta.items():
+            self.base_delta[name] = self.base_delta.get(name, 0) + d
+        self._fresh = False
+        self.mechanism.after_round(self, members)
+        ranks_needed = set(self.client_ranks) | {max(self.client_ranks)}
+        self._downlinks = {} if self.strategy.fresh_lora_each_round else {r: result.downlink(r) for r in ranks_needed}
+        self._base_nbytes = int(result.base_delta_nbytes())
+        self.round += 1
+        return RoundOutcome(base_delta=dict(result.base_delta), trained=sorted(u.client_id for u in members),
+                            rejected={}, bytes_up=0, bytes_up_head=0, bytes_down=bytes_down, extra=dict(summed.extra))
+
+    def skip_round(self, sampled: list[int]) -> RoundOutcome:
+        """A round that produced no aggregate (secure aggregation halted below its threshold): the global model
+        stays as it is and the run goes on with the next round."""
+        bytes_down = sum(self.downlink_nbytes(self.client_ranks[c]) for c in sampled)
+        self.round += 1
+        return RoundOutcome(base_delta={}, trained=[], rejected={}, bytes_up=0, bytes_up_head=0,
+                            bytes_down=bytes_down)
 
     def _enough(self, good: list[Update], rejected: dict[int, str]) -> None:
         if len(good) < self.cfg.federation.min_clients:
@@ -247,23 +305,38 @@ class Server:
         """The factors and head the client started this round from."""
         return self.sent_factors(u.client_id), self.head
 
-    def change_norm(self, u: Update) -> float:
-        """L2 norm of what the client changed in what it sends (factors and head) this round."""
+    def _as_sent(self, u: Update) -> Update:
+        """The update as the server may read it: the parts the client sends this round, every other part
+        replaced by what the server itself sent (FFA's A, FedSA's B, which stays on the client)."""
+        ref = self.sent_factors(u.client_id)
+        parts = self.up_parts()
+        factors = {}
+        for n, f in u.factors.items():
+            sent = {p: np.asarray(a, np.float32) for p, a in self.strategy.to_parts(n, f, parts).items()}
+            factors[n] = self.strategy.from_parts(n, sent, ref[n])
+        return replace(u, factors=factors)
+
+    def _sent_change(self, u: Update) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(now, ref): what the client sends this round and the same arrays of what it started from."""
         from fedlora.dp import sent_tensors
 
-        sends_A = self.strategy.sends_A
+        parts = self.up_parts()
         ref_factors, ref_head = self.reference(u)
-        now, ref = sent_tensors(u.factors, u.head, sends_A), sent_tensors(ref_factors, ref_head, sends_A)
+        return (sent_tensors(self.strategy, parts, u.factors, u.head),
+                sent_tensors(self.strategy, parts, ref_factors, ref_head))
+
+    def change_norm(self, u: Update) -> float:
+        """L2 norm of what the client changed in what it sends (factors and head) this round."""
+        now, ref = self._sent_change(u)
         return float(np.sqrt(sum(np.sum((now[k] - ref[k]) ** 2) for k in now)))
 
     def _scaled_change(self, u: Update, c: float) -> Update:
         """The update with its change (against its reference) multiplied by c."""
-        ref_factors, ref_head = self.reference(u)
-        sends_A = self.strategy.sends_A
-        factors = {n: replace(f, B=ref_factors[n].B + c * (f.B - ref_factors[n].B),
-                              A=ref_factors[n].A + c * (f.A - ref_factors[n].A) if sends_A else f.A)
-                   for n, f in u.factors.items()}
-        head = {n: (ref_head[n] + c * (h - ref_head[n])).astype(np.float32) for n, h in u.head.items()}
+        from fedlora.dp import from_sent
+
+        now, ref = self._sent_change(u)
+        factors, head = from_sent(self.strategy, self.up_parts(), {k: ref[k] + c * (now[k] - ref[k]) for k in now},
+                                  u.factors, u.head)
         return replace(u, factors=factors, head=head)
 
     # -- aggregation -----------------------------------------------------------------------------
@@ -328,7 +401,7 @@ class Server:
             "head": dict(self.head),
             "base_delta": dict(self.base_delta),
             "downlinks": {r: dict(f) for r, f in self._downlinks.items()},
-            "down_nbytes": dict(self._down_nbytes),
+            "base_nbytes": self._base_nbytes,
             "fresh": self._fresh,
             "rng": self.rng.bit_generator.state,
             "privacy": dict(self.privacy),
@@ -342,7 +415,7 @@ class Server:
         self.head = state["head"]
         self.base_delta = state["base_delta"]
         self._downlinks = {int(r): f for r, f in state["downlinks"].items()}
-        self._down_nbytes = {int(r): int(n) for r, n in state["down_nbytes"].items()}
+        self._base_nbytes = int(state.get("base_nbytes", 0))
         self._fresh = bool(state["fresh"])
         self.rng.bit_generator.state = state["rng"]
         self.privacy = {int(c): rep for c, rep in state["privacy"].items()}

@@ -2,7 +2,9 @@
 
 A node learns everything from the train instruction (the resolved config travels with it), so the same
 ClientApp serves Flower's simulation and a real SuperNode. Per node, `context.state` keeps what must outlive
-one round: the client's DP accountant and the base deltas merged so far (FLoRA, FedEx). Per process, the base
+one round: the client's DP accountant, the base deltas merged so far (FLoRA, FedEx) and what the method keeps
+on its clients (FedSA's B; in the node config's `state-dir` folder instead when given, which also survives a
+SuperNode restart). Per process, the base
 model is loaded once and shared by the nodes the process serves (Ray actors in simulation).
 """
 
@@ -16,6 +18,7 @@ import json
 import time
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -26,7 +29,9 @@ from flwr.clientapp import ClientApp
 from fedlora.errors import UserError
 from fedlora import lora
 from fedlora.client import ClientTrainer, EncodedData, client_round, evaluate
+from fedlora.client_state import ClientStateStore
 from fedlora.config import ExperimentConfig
+from fedlora.engines.flower_secagg import SECAGG_INS, secagg_mod, secure_reply
 from fedlora.engines.flower_wire import BaseEntry, decode_base_entries, decode_downlink, encode_update
 from fedlora.models import ModelHost
 
@@ -35,6 +40,8 @@ NUM_PARTITIONS_KEY = "num-partitions"
 DATA_PATH_KEY = "data-path"
 BASE_STATE = "fedlora.base"
 PRIVACY_STATE = "fedlora.privacy"
+CLIENT_STATE = "fedlora.client-state"
+STATE_DIR_KEY = "state-dir"
 
 Fault = Callable[[int, int], None]  # (round, client id) -> None; raises to make this client fail (tests)
 
@@ -167,6 +174,51 @@ def save_privacy(state: RecordDict, dp) -> None:
         state[PRIVACY_STATE] = ConfigRecord({"state": json.dumps(dp.state_dict())})
 
 
+def client_store(context: Context) -> ClientStateStore:
+    """This node's store of what its client never sends: the node config's `state-dir` folder, else a store
+    rebuilt from the node's context state (written back by `keep_client_store`)."""
+    folder = context.node_config.get(STATE_DIR_KEY)
+    if folder:
+        return ClientStateStore(Path(str(folder)))
+    store = ClientStateStore()
+    record = context.state[CLIENT_STATE] if CLIENT_STATE in context.state else ArrayRecord()
+    held: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    for key, arr in record.items():
+        cid, rnd, name = key.split("|", 2)
+        held.setdefault((int(cid), int(rnd)), {})[name] = arr.numpy()
+    for (cid, rnd), arrays in sorted(held.items()):
+        store.save(cid, rnd, arrays)
+    return store
+
+
+def keep_client_store(context: Context, store: ClientStateStore) -> None:
+    if store.root is not None:
+        return  # already on disk
+    record = ArrayRecord()
+    for cid, rounds in store.in_memory().items():
+        for rnd, arrays in rounds.items():
+            for name, arr in arrays.items():
+                record[f"{cid}|{rnd}|{name}"] = Array(np.ascontiguousarray(arr))
+    context.state[CLIENT_STATE] = record
+
+
+# -- compressed uploads (fedlora.compression) -------------------------------------------------------------------
+COMPRESSED = "lora-c"  # record of the encoded upload: "<tensor>|<part>" -> array (int8, fp16, indices, ...)
+
+
+def compressed_upload(rt: ClientRuntime, client_id: int, down, update) -> ArrayRecord | None:
+    """The client's sent tensors encoded with federation.compression (None: none, the float32 wire). top-k's
+    residual goes to the trainer's store, which the caller persists with the node's other client state."""
+    from fedlora import compression
+
+    if not compression.CompressionSpec.from_config(rt.cfg).lossy:
+        return None
+    payload, _, _ = compression.compress_update(rt.cfg, rt.trainer.strategy, update,
+                                                compression.start_factors(rt.trainer, down, client_id), down.head,
+                                                rt.trainer.store, down.round)
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.items()})
+
+
 # -- handlers ---------------------------------------------------------------------------------------------------
 def _instruction(msg: Message) -> tuple[ClientRuntime, int]:
     ins = msg.content["instruction"]
@@ -192,16 +244,28 @@ def handle_train(msg: Message, context: Context, fault: Fault | None = None) -> 
         raise UserError("base-delta history incomplete on this node")
     rt.sync_base(entries)
     strategy = rt.trainer.strategy
-    down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, strategy.downlink_A())
+    down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, strategy)
     if fault is not None:
         fault(down.round, client_id)
     dp = load_privacy(rt.cfg, context.state, len(data), str(ins.get("privacy-state", "") or ""))
+    rt.trainer.store = client_store(context)
     update = client_round(rt.trainer, client_id, down, data, dp)
+    secure = SECAGG_INS in msg.content
+    if secure and isinstance(update, str):  # inside SecAgg+ a client that sits out is a dropout
+        raise UserError(update)
+    upload = None if isinstance(update, str) or secure else compressed_upload(rt, client_id, down, update)
+    keep_client_store(context, rt.trainer.store)
     if isinstance(update, str):  # it sits out (privacy budget)
         return Message(RecordDict({"skip": ConfigRecord({"reason": update})}), reply_to=msg)
     save_privacy(context.state, dp)
     extra = {"base-count": len(entries), "setup-s": setup_s}
-    return Message(encode_update(update, strategy.sends_A, extra), reply_to=msg)
+    if secure:  # the summand, for Flower's secaggplus_mod to mask (fedlora.engines.flower_secagg)
+        content = secure_reply(strategy, rt.trainer.dims, down, update, msg.content[SECAGG_INS], extra)
+        return Message(content, reply_to=msg)
+    content = encode_update(update, strategy, strategy.roles(down.round).up, extra)
+    if upload is not None:  # the encoded change replaces the float32 factors and head on the wire
+        content["lora"], content["head"], content[COMPRESSED] = ArrayRecord(), ArrayRecord(), upload
+    return Message(content, reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
@@ -210,7 +274,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     _check_node(context, client_id)
     data = rt.client_data(context.node_config, client_id)
     rt.sync_base(store_base(context.state, decode_base_entries(msg.content)))
-    down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, rt.trainer.strategy.downlink_A())
+    down = decode_downlink(msg.content, rt.cfg, rt.trainer.dims, rt.trainer.strategy)
+    rt.trainer.store = client_store(context)  # a personal part (FedSA's B) is scored too: the client's own model
     adapter = rt.trainer.load(down, client_id)
     cap = rt.cfg.data.max_eval_examples
     if cap is not None and len(data) > cap:  # the same budget as the central held-out set
@@ -229,7 +294,8 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 
 def make_client_app(fault: Fault | None = None) -> ClientApp:
-    app = ClientApp()
+    # Flower's SecAgg+ mod sees only SecAgg+ messages (privacy.secure_aggregation); the others pass by it.
+    app = ClientApp(mods=[secagg_mod])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.errors import UserError
 from fedlora.config import ExperimentConfig, RoundFailed
-from fedlora.engines.flower_client import NUM_PARTITIONS_KEY, PARTITION_KEY
-from fedlora.engines.flower_wire import BadReply, BaseEntry, decode_update, encode_downlink
+from fedlora.engines.flower_client import COMPRESSED, NUM_PARTITIONS_KEY, PARTITION_KEY
+from fedlora.engines.flower_wire import BadReply, BaseEntry, decode_update, encode_downlink, encode_update
 from fedlora.experiment import dense_to_factors
 from fedlora.progress import RunProgress
 from fedlora.federated_run import RoundReplies, Run, Transport
@@ -113,6 +113,10 @@ class FlowerTransport(Transport):
         self.rounds_here += 1
 
     def train(self, run: Run, clients: list[int]) -> RoundReplies:
+        if run.cfg.privacy.secure_aggregation:  # the round as Flower's SecAgg+ protocol: the server gets the sum
+            from fedlora.engines.flower_secagg import secure_round
+
+            return secure_round(self, run, clients)
         server = run.server
         replies = RoundReplies([], {}, extra={"client_setup_s": 0.0})
         up = down = up_head = 0
@@ -141,13 +145,14 @@ class FlowerTransport(Transport):
                 replies.dropped[c] = str(reply.content["skip"]["reason"])
                 continue
             try:
-                payload = decode_update(reply.content, server, c)
+                content, sizes = decompressed(reply.content, server, c)
+                payload = decode_update(content, server, c)
             except BadReply as exc:
                 replies.dropped[c] = one_line(str(exc))
                 continue
             replies.updates.append(payload.update)
-            up += payload.nbytes
-            up_head += payload.nbytes_head
+            up += sizes[0] if sizes else payload.nbytes
+            up_head += sizes[1] if sizes else payload.nbytes_head
             replies.extra["client_setup_s"] += _clamped(payload.metrics.get("setup-s"), 0.0, 1e6, 0.0)
             # What the node says it holds, never more than what exists (a lie only costs it a resend).
             self.acked[node] = int(_clamped(payload.metrics.get("base-count"), 0, len(self.base_log),
@@ -181,7 +186,7 @@ class FlowerTransport(Transport):
         # SuperNode): it gets the client's last privacy report, so its DP accountant continues, not restarts.
         privacy = run.server.privacy.get(client_id) if node not in self.primed else None
         self.primed.add(node)
-        payload = encode_downlink(run.cfg, run.server.downlink(client_id), client_id, run.strategy.downlink_A(),
+        payload = encode_downlink(run.cfg, run.server.downlink(client_id), client_id, run.strategy,
                                   self.base_log[start:], start, self.config_toml, run.data.label_names,
                                   privacy_state=json.dumps(privacy) if privacy else "")
         msg = Message(payload.content, dst_node_id=node, message_type=kind, group_id=str(run.server.round + 1))
@@ -198,6 +203,46 @@ class FlowerTransport(Transport):
             total += int(m["num-examples"])
             correct += float(m["eval-accuracy"]) * int(m["num-examples"])
         return correct / total if total else None
+
+
+def decompressed(content: RecordDict, server, client_id: int) -> tuple[RecordDict, tuple[int, int] | None]:
+    """A reply with a compressed upload (`COMPRESSED`) turned into the float32 reply `decode_update` reads (which
+    then checks it like any other), and (bytes, bytes of the head) as sent; a plain reply as it is, None."""
+    from fedlora import compression
+    from fedlora.client import Update
+
+    if COMPRESSED not in content:
+        return content, None
+    record = content[COMPRESSED]
+    if not isinstance(record, ArrayRecord):
+        raise BadReply(f"malformed reply: {COMPRESSED} is not an array record")
+    # A compressed upload is never larger than the float32 one: refuse to parse anything bigger.
+    limit = 2 * sum(int(np.prod(s)) * 4 for s in _sent_shapes(server, client_id)) + 4096 * (len(record) + 1)
+    if any(not isinstance(a, Array) or a.stype != "numpy.ndarray" for a in record.values()) \
+            or sum(len(a.data) for a in record.values()) > limit:
+        raise BadReply("malformed reply: compressed upload is not NumPy arrays of the expected size")
+    try:
+        arrays = {str(k): a.numpy() for k, a in record.items()}
+        factors, head = compression.decompress_update(server, client_id, arrays)
+    except BadReply:
+        raise
+    except Exception as exc:  # ValueError from the codec, or anything a crafted array can provoke
+        raise BadReply(f"malformed reply: compressed upload: {one_line(str(exc), 200) or type(exc).__name__}") from None
+    rank = server.expected_rank(client_id)
+    plain = encode_update(Update(client_id=client_id, rank=rank, factors=factors, head=head, num_examples=1,
+                                 train_loss=0.0, steps=0, samples=0, train_s=0.0),
+                          server.strategy, server.up_parts())
+    out = RecordDict({k: v for k, v in content.items() if k != COMPRESSED})
+    out["lora"], out["head"] = plain["lora"], plain["head"]
+    return out, (compression.payload_nbytes(arrays),
+                 compression.payload_nbytes({k: v for k, v in arrays.items() if k.startswith("head.")}))
+
+
+def _sent_shapes(server, client_id: int) -> list[tuple[int, ...]]:
+    from fedlora.dp import sent_tensors
+
+    return [a.shape for a in sent_tensors(server.strategy, server.up_parts(), server.sent_factors(client_id),
+                                          server.head).values()]
 
 
 def run_on_grid(run: Run, grid: Grid, options: FlowerOptions) -> dict:

@@ -1,8 +1,9 @@
 """What travels between the Flower ServerApp and ClientApp: fedlora downlinks and updates as Flower records.
 
-Only what a method really sends is put on the wire: B always, A only when the strategy sends A (FFA derives
-A from the shared seed on both ends), the classifier head, and the factored deltas merged into the base
-weights (FLoRA, FedEx). Byte counts are the `nbytes` of those float32 arrays, i.e. of the real payload.
+Only what a method really sends is put on the wire: the parts its `roles(round)` name (B and A, B alone for
+FFA, A alone for FedSA, the r x r core R for Fed-SB; every other part is derived from the shared seed or kept
+by the client), the classifier head, and the factored deltas merged into the base weights (FLoRA, FedEx).
+Byte counts are the `nbytes` of those float32 arrays, i.e. of the real payload.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedlora import lora
 from fedlora.client import Downlink, Update
 from fedlora.config import ExperimentConfig
-from fedlora.strategies import LoraFactors
+from fedlora.strategies import LoraFactors, Strategy
+from fedlora.strategies.base import part_shape
 
 WIRE_DTYPE = np.float32
 BaseEntry = dict[str, tuple[np.ndarray, np.ndarray]]  # module -> (B, A) of one merged delta, ΔW = B·A
 
 
-def shared_A(cfg: ExperimentConfig, dims: dict[str, tuple[int, int]], rank: int) -> dict[str, np.ndarray]:
-    """The seeded A every FFA client holds (prefix of the widest rank's init): never sent, rebuilt here."""
+def seeded_reference(cfg: ExperimentConfig, dims: dict[str, tuple[int, int]], rank: int,
+                     strategy: Strategy) -> dict[str, LoraFactors]:
+    """What every client can rebuild from the seed alone, at `rank`: the method's starting adapter (the PEFT
+    init: seeded A, B = 0; Fed-SB: A0 and B0), a prefix of the widest rank's. Parts never sent come from here."""
     r_max = max(cfg.client_ranks())
-    init = lora.initial_factors(cfg.seed, dims, max(r_max, rank), cfg.lora.scale(r_max))
-    return {m: f.A[:rank] for m, f in init.items()}
+    init = strategy.starting_factors(lora.initial_factors(cfg.seed, dims, max(r_max, rank), cfg.lora.scale(r_max)))
+    return {m: LoraFactors(A=f.A[:rank], B=f.B[:, :rank], scale=f.scale) for m, f in init.items()}
 
 
 def _arr(x: np.ndarray) -> Array:
@@ -41,33 +45,27 @@ def _nbytes(*records: ArrayRecord) -> int:
     return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for r in records for a in r.values())
 
 
-def _factors_record(factors: dict[str, LoraFactors], with_A: bool) -> tuple[ArrayRecord, ConfigRecord]:
+def _factors_record(factors: dict[str, LoraFactors], strategy: Strategy,
+                    parts: tuple[str, ...]) -> tuple[ArrayRecord, ConfigRecord]:
     arrays, modules, scales = ArrayRecord(), [], []
     for m, f in factors.items():
-        arrays[f"{m}:B"] = _arr(f.B)
-        if with_A:
-            arrays[f"{m}:A"] = _arr(f.A)
+        for part, a in strategy.to_parts(m, f, parts).items():
+            arrays[f"{m}:{part}"] = _arr(a)
         modules.append(m)
         scales.append(float(f.scale))
     return arrays, ConfigRecord({"modules": modules, "scales": scales})
 
 
-def _read_factors(
-    arrays: ArrayRecord, meta: ConfigRecord, A_of: dict[str, np.ndarray] | None
-) -> dict[str, LoraFactors]:
-    """Factors back from a record; A from `A_of` (the seed) when the sender did not send it."""
+def _read_factors(arrays: ArrayRecord, meta: ConfigRecord, strategy: Strategy, parts: tuple[str, ...],
+                  ref: dict[str, LoraFactors]) -> dict[str, LoraFactors]:
+    """Factors back from a record; every part not sent comes from `ref` (what the receiver holds)."""
     out = {}
     for m, scale in zip(list(meta.get("modules", [])), list(meta.get("scales", []))):
-        if f"{m}:B" not in arrays:
-            raise ValueError(f"module {m}: B missing from the payload")
-        B = arrays[f"{m}:B"].numpy()
-        if f"{m}:A" in arrays:
-            A = arrays[f"{m}:A"].numpy()
-        elif A_of is not None and m in A_of:
-            A = A_of[m]
-        else:
-            raise ValueError(f"module {m}: A missing from the payload")
-        out[m] = LoraFactors(A=A, B=B, scale=float(scale))
+        missing = [p for p in parts if f"{m}:{p}" not in arrays]
+        if missing or m not in ref:
+            raise ValueError(f"module {m}: {missing or 'its reference'} missing from the payload")
+        f = strategy.from_parts(m, {p: arrays[f"{m}:{p}"].numpy() for p in parts}, ref[m])
+        out[m] = LoraFactors(A=f.A, B=f.B, scale=float(scale))
     return out
 
 
@@ -87,7 +85,7 @@ class DownPayload:
 
 
 def encode_downlink(
-    cfg: ExperimentConfig, down: Downlink, client_id: int, sends_A: bool,
+    cfg: ExperimentConfig, down: Downlink, client_id: int, strategy: Strategy,
     base_entries: list[BaseEntry], base_from: int, config_toml: str, label_names: list[str],
     privacy_state: str = "",
 ) -> DownPayload:
@@ -95,7 +93,7 @@ def encode_downlink(
     the trainer the same float32 values), the head, the base deltas it has not received yet, and the config.
     `privacy_state`: the client's last privacy report (JSON), for a node that may have lost its own."""
     factors = lora.with_scale(down.factors, cfg.lora.scale(down.rank)) if down.factors else {}
-    arrays, meta = _factors_record(factors, with_A=sends_A)
+    arrays, meta = _factors_record(factors, strategy, strategy.roles(down.round).down)
     head = _head_record(down.head)
     base = ArrayRecord()
     for i, entry in enumerate(base_entries, start=base_from):
@@ -113,12 +111,13 @@ def encode_downlink(
 
 
 def decode_downlink(
-    content: RecordDict, cfg: ExperimentConfig, dims: dict[str, tuple[int, int]], sends_A: bool
+    content: RecordDict, cfg: ExperimentConfig, dims: dict[str, tuple[int, int]], strategy: Strategy
 ) -> Downlink:
     ins = content["instruction"]
-    rank = int(ins["rank"])
-    factors = _read_factors(content["lora"], content["lora-meta"], None if sends_A else shared_A(cfg, dims, rank))
-    return Downlink(rank=rank, factors=factors, head=_read_head(content.get("head")), round=int(ins["round"]))
+    rank, round_idx = int(ins["rank"]), int(ins["round"])
+    factors = _read_factors(content["lora"], content["lora-meta"], strategy, strategy.roles(round_idx).down,
+                            seeded_reference(cfg, dims, rank, strategy))
+    return Downlink(rank=rank, factors=factors, head=_read_head(content.get("head")), round=round_idx)
 
 
 def decode_base_entries(content: RecordDict) -> dict[int, BaseEntry]:
@@ -134,8 +133,10 @@ def decode_base_entries(content: RecordDict) -> dict[int, BaseEntry]:
 
 
 # -- uplink ----------------------------------------------------------------------------------------------------
-def encode_update(update: Update, sends_A: bool, extra_metrics: dict[str, float] | None = None) -> RecordDict:
-    arrays, meta = _factors_record(update.factors, with_A=sends_A)
+def encode_update(update: Update, strategy: Strategy, parts: tuple[str, ...],
+                  extra_metrics: dict[str, float] | None = None) -> RecordDict:
+    """A client's reply: the `parts` it sends this round (`strategy.roles(round).up`), head, metrics, report."""
+    arrays, meta = _factors_record(update.factors, strategy, parts)
     metrics = {
         "client-id": update.client_id, "rank": update.rank, "num-examples": update.num_examples,
         "train-loss": float(update.train_loss), "steps": update.steps, "samples": update.samples,
@@ -222,7 +223,7 @@ def decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
 
 
 def _decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
-    cfg, sends_A = server.cfg, server.strategy.sends_A
+    cfg, strategy, parts = server.cfg, server.strategy, server.up_parts()
     rank = server.expected_rank(client_id)
     for key in ("lora", "metrics"):
         if key not in content:
@@ -238,11 +239,11 @@ def _decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
     arrays = content["lora"]
     if not isinstance(arrays, ArrayRecord):
         raise BadReply("lora is not an array record")
-    expected = {f"{m}:B" for m in server.dims} | ({f"{m}:A" for m in server.dims} if sends_A else set())
+    expected = {f"{m}:{p}" for m in server.dims for p in parts}
     extra = sorted(set(arrays) - expected)
     if extra:
-        what = "its own A (A is shared and never sent)" if not sends_A and any(k.endswith(":A") for k in extra) \
-            else f"unexpected arrays {[k[:60] for k in extra[:2]]}"
+        what = "its own A (A is shared and never sent)" if "A" not in parts and any(k.endswith(":A") for k in extra) \
+            else f"unexpected arrays {[k[:60] for k in extra[:2]]} (this round it sends {', '.join(parts)})"
         raise BadReply(f"the reply carries {what}")
     meta = content["lora-meta"] if "lora-meta" in content else None
     scale = cfg.lora.scale(rank)
@@ -251,12 +252,13 @@ def _decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
         if not isinstance(declared, list) or any(isinstance(x, bool) or not isinstance(x, (int, float))
                                                  or not math.isclose(float(x), scale, rel_tol=1e-6) for x in declared):
             raise BadReply(f"declared LoRA scale differs from the server's {scale} for rank {rank}")
-    A_of = None if sends_A else {m: f.A for m, f in server.sent_factors(client_id).items()}  # what it was sent
-    factors = {}
+    ref = server.sent_factors(client_id)  # what it was sent: every part it does not send stays that
+    factors, nbytes_lora = {}, 0
     for m, (d_out, d_in) in server.dims.items():
-        B = _expected_array(arrays, f"{m}:B", (d_out, rank))
-        A = _expected_array(arrays, f"{m}:A", (rank, d_in)) if sends_A else A_of[m]
-        factors[m] = LoraFactors(A=A, B=B, scale=scale)
+        sent = {p: _expected_array(arrays, f"{m}:{p}", part_shape(p, rank, d_out, d_in)) for p in parts}
+        nbytes_lora += sum(int(a.size) * WIRE_DTYPE().itemsize for a in sent.values())
+        f = strategy.from_parts(m, sent, ref[m])
+        factors[m] = LoraFactors(A=f.A, B=f.B, scale=scale)
     head_record = content["head"] if "head" in content else ArrayRecord()
     if not isinstance(head_record, ArrayRecord):
         raise BadReply("head is not an array record")
@@ -281,7 +283,5 @@ def _decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
         train_s=max(0.0, _finite_float(mt, "train-s")), next_rank=None if next_rank <= 0 else next_rank,
         privacy=privacy,
     )
-    nbytes_lora = sum(int(a.size) * WIRE_DTYPE().itemsize for f in factors.values()
-                      for a in ((f.B, f.A) if sends_A else (f.B,)))
     nbytes_head = sum(int(h.size) * WIRE_DTYPE().itemsize for h in head.values())
     return UpPayload(update, nbytes_lora + nbytes_head, nbytes_head, mt)

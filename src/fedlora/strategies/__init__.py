@@ -31,7 +31,7 @@ from .registry import (
 )
 
 # Importing a method's module registers it.
-from . import fedit, ffa, rbla, zeropad, hetlora, flora, flexlora, fedex, lora_fair, fedsvd  # noqa: E402,F401
+from . import fedit, ffa, rbla, zeropad, hetlora, flora, flexlora, fedex, lora_fair, fedsvd, rolora, fedsa, fedsb  # noqa: E402,F401,E501
 from .hetlora import pruned_rank, tail_norm, tail_start  # noqa: E402
 from .merge import merge_into_weight  # noqa: E402  (fedlora.lora.merge_base_delta's layout rule)
 

@@ -37,6 +37,40 @@ class LoraFactors:
         return self.scale * (self.B @ self.A)
 
 
+PART_NAMES = ("A", "B", "R")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which parts of a client's LoRA move in one round (ALGORITHMS-style: ΔW = s·B·A).
+
+    - `train`: what local training updates ("A", "B"; Fed-SB: "R", the r x r core of A = R·A0);
+    - `up`: what the client sends; the server fills every other part from its own reference (what it sent);
+    - `down`: what the server sends; the client derives the rest from the seed (FFA's A, Fed-SB's A0 and B0)
+      or keeps it itself (`personal`);
+    - `personal`: parts a client trains, never sends and keeps across rounds (FedSA's B).
+    """
+
+    train: tuple[str, ...]
+    up: tuple[str, ...]
+    down: tuple[str, ...]
+    personal: tuple[str, ...] = ()
+
+
+def part_shape(part: str, rank: int, d_out: int, d_in: int) -> tuple[int, int]:
+    """The shape of one part of a rank-`rank` LoRA on a d_out x d_in layer."""
+    shapes = {"A": (rank, d_in), "B": (d_out, rank), "R": (rank, rank)}
+    if part not in shapes:
+        raise ValueError(f"unknown LoRA part {part!r}; expected one of {PART_NAMES}")
+    return shapes[part]
+
+
+def parts_nbytes(parts: Sequence[str], rank: int, dims: Mapping[str, tuple[int, int]]) -> int:
+    """Wire bytes of `parts` for every module at `rank` (float32 per value)."""
+    return WIRE_BYTES * sum(int(np.prod(part_shape(p, rank, d_out, d_in)))
+                            for d_out, d_in in dims.values() for p in parts)
+
+
 @dataclass
 class AggregationResult:
     """What a round of aggregation produces.
@@ -103,6 +137,10 @@ class Strategy(ABC):
     # Whether A travels down to clients; None: the same as up. FedSVD sends a new A down but only B up.
     receives_A: ClassVar[bool | None] = None
     supports_mixed_ranks: ClassVar[bool] = True
+    # Why a method without mixed ranks refuses them (one line, shown by `fedlora run`).
+    mixed_ranks_refusal: ClassVar[str] = "it averages A and B element-wise"
+    # Why a method cannot train under sample-level DP-SGD (None: it can).
+    sample_dp_refusal: ClassVar[str | None] = None
     fresh_lora_each_round: ClassVar[bool] = False  # FLoRA: every round starts from A random, B = 0
     # True when the global model's change this round, `result.effective_delta(m)`, equals the exact aggregate
     # ΔW* = Σ p_k s_k B_k A_k of ALGORITHMS.md (up to float error; for FFA while every A is bit-identical, which
@@ -115,6 +153,7 @@ class Strategy(ABC):
     # True when the aggregate is a slot-wise weighted sum of what clients send with data-independent
     # coefficients: client-level DP noise can then be added to the sum of the sent factors.
     linear: ClassVar[bool] = False
+    secure_sum: ClassVar[bool | None] = None  # aggregate = weighted sum of the uploads (SecAgg-ready); None: = linear
     # True when clients may change their own rank between rounds (HetLoRA's self-pruning): the server then
     # accepts an update's `next_rank` in 1..rank; otherwise a client keeps the rank the server assigned.
     clients_change_rank: ClassVar[bool] = False
@@ -169,10 +208,35 @@ class Strategy(ABC):
         """Whether the downlink carries A (else the client already holds it: FFA's seeded A)."""
         return cls.sends_A if cls.receives_A is None else bool(cls.receives_A)
 
-    @classmethod
-    def uplink_nbytes(cls, update: Update) -> int:
-        """Bytes a client sends for `update` (float32 wire format): B always, A only if the method sends A."""
-        return sum(factors_nbytes(f, with_A=cls.sends_A) for f in update.values())
+    # -- what moves each round, and how a sent part maps to factors -------------------------------------------
+    def roles(self, round_idx: int) -> Roles:
+        """What a client trains, sends and receives in round `round_idx` (1-based). Default: from the class
+        flags, the same every round. RoLoRA alternates; FedSA keeps B on the client; Fed-SB moves only R."""
+        return Roles(train=("A", "B") if self.trains_A else ("B",), up=("A", "B") if self.sends_A else ("B",),
+                     down=("A", "B") if self.downlink_A() else ("B",))
+
+    def starting_factors(self, init: Mapping[str, LoraFactors]) -> dict[str, LoraFactors]:
+        """The global adapter before round 1, from the seeded PEFT init (A seeded, B = 0). Default: that init."""
+        return dict(init)
+
+    def to_parts(self, module: str, f: LoraFactors, parts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The arrays of `parts` of one module's factors, as they go on the wire."""
+        return {p: {"A": f.A, "B": f.B}[p] for p in parts}
+
+    def from_parts(self, module: str, arrays: Mapping[str, np.ndarray], ref: LoraFactors) -> LoraFactors:
+        """Factors from sent parts; every part not sent is the reference's (what the other side already holds)."""
+        return LoraFactors(A=arrays["A"] if "A" in arrays else ref.A, B=arrays["B"] if "B" in arrays else ref.B,
+                           scale=ref.scale)
+
+    def core_basis(self) -> dict[str, np.ndarray]:
+        """module -> the fixed A0 (orthonormal rows) of methods that train only R in A = R·A0 (Fed-SB)."""
+        raise NotImplementedError(f"{self.name} does not train an r x r core")
+
+    def uplink_nbytes(self, update: Update, round_idx: int = 1) -> int:
+        """Bytes a client sends for `update` in round `round_idx` (float32 wire format)."""
+        parts = self.roles(round_idx).up
+        return WIRE_BYTES * sum(int(np.prod(part_shape(p, f.rank, f.B.shape[0], f.A.shape[1])))
+                                for f in update.values() for p in parts)
 
     # Strategies with state across rounds override these; the state must survive a checkpoint/resume.
     def state_dict(self) -> dict:

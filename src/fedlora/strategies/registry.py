@@ -138,3 +138,28 @@ def get_strategy(name: str, **options) -> Strategy:
     internal = {k: options[k] for k in INTERNAL_OPTIONS if k in options}
     user = validate_options(name, {k: v for k, v in options.items() if k not in INTERNAL_OPTIONS})
     return cls(**internal, **user)
+
+
+METHOD_TABLE_HEADER = ("| method | exact | linear in what is sent (client-DP noise once on the sum) | mixed ranks "
+                       "| sample-level DP | trains | up | down | kept on the client |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def method_table_rows() -> list[str]:
+    """The README's method table, one markdown row per registered method, from the classes' own declarations
+    (flags and `roles` of rounds 1 and 2: a method whose roles alternate shows both)."""
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
+
+    def moved(parts_1: tuple[str, ...], parts_2: tuple[str, ...]) -> str:
+        text = lambda parts: ", ".join(parts) or "nothing"  # noqa: E731
+        return text(parts_1) if parts_1 == parts_2 else f"{text(parts_1)} / {text(parts_2)} (odd / even rounds)"
+
+    rows = []
+    for name in available_strategies():
+        cls = strategy_class(name)
+        s = get_strategy(name)
+        r1, r2 = s.roles(1), s.roles(2)
+        cells = [f"`{name}`", yes(cls.exact), yes(cls.linear), yes(cls.supports_mixed_ranks),
+                 yes(cls.sample_dp_refusal is None), moved(r1.train, r2.train), moved(r1.up, r2.up),
+                 moved(r1.down, r2.down), moved(r1.personal, r2.personal)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows

@@ -7,7 +7,8 @@ reference. Quantizing the change instead of the value keeps the error proportion
 
 - `fp16`: the change in half precision (2 bytes a value).
 - `int8`: the change stochastically rounded to int8 with a float32 scale per tensor or per row
-  (`federation.int8_scale`); E[decoded] = change exactly (unbiased), 1 byte a value + 4 per scale.
+  (`federation.int8_scale`; rows along a tensor's short side: one per LoRA slot); E[decoded] = change exactly
+  (unbiased), 1 byte a value + 4 per scale.
 - `topk`: the `federation.topk_fraction` largest entries (by magnitude) of change + residual, sent as int32
   indices and float32 values (8 bytes each). What is not sent stays in the client's error-feedback residual
   (`ef/<tensor>` in its `ClientStateStore`, saved per round so resume is exact) and is added next round.
@@ -63,9 +64,25 @@ def topk_count(size: int, fraction: float) -> int:
     return max(1, min(size, math.ceil(fraction * size)))
 
 
+def _transposed(shape: tuple[int, ...], per_row: bool) -> bool:
+    """Per-row scales go along a 2-D tensor's short side: one per LoRA slot (a row of A, a column of B), so a
+    d_out x r B pays r scales, not d_out (4 bytes each would cost half as much again as its int8 values)."""
+    return per_row and len(shape) == 2 and shape[0] > shape[1]
+
+
 def _row_view(x: np.ndarray, per_row: bool) -> np.ndarray:
-    """2-D view: one row per scale (a 1-D or per-tensor array is one row)."""
-    return x.reshape(x.shape[0], -1) if per_row and x.ndim >= 2 else x.reshape(1, -1)
+    """2-D: one row per scale (a 1-D or per-tensor array is one row)."""
+    if not per_row or x.ndim != 2:
+        return x.reshape(1, -1)
+    return x.T if _transposed(x.shape, per_row) else x
+
+
+def _from_rows(rows: np.ndarray, shape: tuple[int, ...], per_row: bool) -> np.ndarray:
+    return (rows.T if _transposed(shape, per_row) else rows).reshape(shape)
+
+
+def n_scales(shape: tuple[int, ...], spec: "CompressionSpec") -> int:
+    return min(shape) if spec.int8_scale == "row" and len(shape) == 2 else 1
 
 
 def encode_array(x: np.ndarray, spec: CompressionSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -83,7 +100,7 @@ def encode_array(x: np.ndarray, spec: CompressionSpec, rng: np.random.Generator)
         # Stochastic rounding: floor(y + U[0,1)) is y's floor or ceil with E = y, so E[q * scale] = x.
         q = np.floor(rows / safe + rng.random(rows.shape))
         q = np.clip(q, -_INT8_MAX, _INT8_MAX).astype(np.int8)  # only float error can reach past the end
-        return {"q": q.reshape(x.shape), "s": scale.reshape(-1)}
+        return {"q": _from_rows(q, x.shape, spec.int8_scale == "row"), "s": scale.reshape(-1)}
     flat = x.reshape(-1)
     k = topk_count(flat.size, spec.topk_fraction)
     idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]).astype(np.int32)
@@ -117,11 +134,11 @@ def decode_array(payload: Mapping[str, np.ndarray], shape: tuple[int, ...], spec
         q = arr("q", np.int8, shp=shape)
         if np.any(q == -128):
             raise ValueError("int8 part q: -128 is outside the symmetric range")
-        per_row = spec.int8_scale == "row" and len(shape) >= 2
-        s = arr("s", np.float32, n=shape[0] if per_row else 1)
+        per_row = spec.int8_scale == "row"
+        s = arr("s", np.float32, n=n_scales(shape, spec))
         if not np.all(np.isfinite(s)) or np.any(s < 0):
             raise ValueError("int8 part s: scales must be finite and >= 0")
-        out = (_row_view(q, per_row).astype(np.float32) * s[:, None]).reshape(shape)
+        out = _from_rows(_row_view(q, per_row).astype(np.float32) * s[:, None], shape, per_row)
     else:
         k = topk_count(size, spec.topk_fraction)
         idx = arr("i", np.int32, n=k)
@@ -250,3 +267,10 @@ def decompress_update(server, client_id: int, payload: Mapping[str, np.ndarray])
     from fedlora import lora
 
     return from_sent(server.strategy, parts, tensors, lora.with_scale(sent, server.cfg.lora.scale(rank)), server.head)
+
+
+def start_factors(trainer, down, client_id: int):
+    """The factors a client's training started from: the downlink's, or FLoRA's fresh seed-derived ones."""
+    from fedlora.client import fresh_factors
+
+    return down.factors or fresh_factors(trainer.cfg, trainer.dims, down.rank, down.round, client_id)

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", nargs="?", default="paper-ffa")
     bench.add_argument("--out", default=None)
     bench.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 CPU cores)")
+    bench.add_argument("--size", default=None, help="a suite's named size (full, quick, smoke; paper-ffa: methods)")
     bench.add_argument("--jobs", type=int, default=1, help="training runs at once (each gets cores/jobs threads)")
 
     gen = sub.add_parser("generate", help="a causal-lm run's fine-tuned model answers a prompt")
@@ -110,7 +111,7 @@ def cmd_bench(args) -> int:
     from fedlora.bench import run_suite
 
     out = run_suite(args.suite, Path(args.out) if args.out else Path("bench-out") / args.suite, quick=args.quick,
-                    jobs=args.jobs)
+                    size=args.size, jobs=args.jobs)
     print(out)
     return 0
 

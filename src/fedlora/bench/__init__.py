@@ -3,7 +3,8 @@
     from fedlora.bench import run_suite
     report = run_suite("paper-ffa", Path("bench-out/paper-ffa"), quick=True)   # -> .../report.md
 
-Suites (one module each): `paper-ffa`, `paper-rbla`, `speed`. Sizes: `full` (the README numbers), `quick`
+Suites (one module each): `paper-ffa`, `paper-rbla`, `paper-rbla-digits`,
+`paper-rbla-scaling`, `speed`. Sizes: `full` (the README numbers), `quick`
 (`--quick`, a CI smoke run of a few minutes) and `smoke` (tests only). The output folder gets report.md,
 plots/*.png, results.json (raw numbers and a run log saying which runs were trained, resumed or cached) and
 runs/<config hash>/ (one run folder per config and seed, reused on the next call).
@@ -24,7 +25,10 @@ from fedlora.errors import UserError
 SUITES: dict[str, str] = {
     "paper-ffa": "fedlora.bench.paper_ffa",
     "paper-rbla": "fedlora.bench.paper_rbla",
+    "paper-rbla-digits": "fedlora.bench.paper_rbla_digits",  # needs the `bench` extra (scikit-learn)
+    "paper-rbla-scaling": "fedlora.bench.paper_rbla_scaling",
     "speed": "fedlora.bench.speed",
+    "comm": "fedlora.bench.comm",  # compressed uploads: accuracy and bytes per round (issue 19)
 }
 SIZES = ("full", "quick", "smoke")
 
@@ -44,8 +48,10 @@ def run_suite(suite: str, out: Path, quick: bool = False, size: str | None = Non
     if suite not in SUITES:
         raise UserError(f"unknown bench suite {suite!r}; available: {', '.join(available_suites())}")
     size = size or ("quick" if quick else "full")
-    if size not in SIZES:
-        raise UserError(f"unknown bench size {size!r}; available: {', '.join(SIZES)}")
+    module = importlib.import_module(SUITES[suite])
+    sizes = list(getattr(module, "SIZES", SIZES))  # a suite may offer sizes beyond full/quick/smoke
+    if size not in sizes:
+        raise UserError(f"unknown bench size {size!r} for {suite}; available: {', '.join(sizes)}")
     if jobs < 1:
         raise UserError(f"bench jobs must be >= 1, got {jobs}")
     out = Path(out)
@@ -53,7 +59,7 @@ def run_suite(suite: str, out: Path, quick: bool = False, size: str | None = Non
     console = Console(stderr=True, soft_wrap=True)  # progress on stderr: stdout carries only the report path
     console.print(f"[bold]fedlora bench {suite}[/bold] (size {size}) -> {out}")
     t0 = time.perf_counter()
-    result = importlib.import_module(SUITES[suite]).run(out, size, console, jobs)
+    result = module.run(out, size, console, jobs)
     elapsed = time.perf_counter() - t0
 
     report = out / "report.md"

@@ -114,12 +114,12 @@ def test_text_study_plan():
     scale is the same under every rule, and the rank-16 client holds the skewed or the balanced fractions."""
     size = scaling.SIZES["full"]
     plan = scaling.specs(size)
-    assert len(set(plan)) == len(plan) == 3 * (4 * 3 + 2) + 3 * 2 * 2
+    assert len(set(plan)) == len(plan) == 3 * (3 * 3 + 2) + 3 * 2 * 2
     for rule in ("alpha/r", "rslora", "constant"):
         cfg = [s for s in plan if ("scaling", rule) in s.labels][0].config()
         assert cfg.lora.scaling == rule and cfg.lora.scale(16) == pytest.approx(scaling.WIDEST_SCALE)
     methods = {s.spec if hasattr(s, "spec") else s.label("method") for s in plan if s.label("part") == "scaling"}
-    assert {"rbla", "zeropad", "hetlora", "flexlora", "rbla γ=0.5", "rbla γ=1"} <= methods
+    assert {"rbla", "zeropad", "hetlora", "rbla γ=0.5", "rbla γ=1"} <= methods
     g = [s for s in plan if s.label("part") == "scaling" and s.label("method") == "rbla γ=0.5"][0].config()
     assert g.strategy.options == {"gamma": 0.5}
     for place, rows in scaling.PLACEMENTS.items():

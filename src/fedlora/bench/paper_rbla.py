@@ -15,6 +15,7 @@ from rich.console import Console
 
 from fedlora.bench import plots
 from fedlora.bench.common import OPTIMIZER, SuiteOutput, optimizer_note, optimizer_overrides, timing_note
+from fedlora.bench.rbla_diagnostics import diagnose
 from fedlora.bench.runs import RunCache, RunRecord, RunSpec
 from fedlora.bench.tables import fmt_bytes, fmt_mean_std, md_table
 from fedlora.checkpoint import load_checkpoint
@@ -67,7 +68,8 @@ def specs(size: Size) -> list[RunSpec]:
             "federation.partition=dirichlet", f"federation.alpha={DIRICHLET_ALPHA}",
             f"federation.ranks={list(ranks)}", f"federation.rounds={size.rounds}",
             f"federation.local_steps={size.local_steps}", f"federation.batch_size={size.batch_size}",
-            f"lora.rank={max(ranks)}", f"lora.alpha={ALPHA}", "output.save_adapter=false", *optimizer_overrides(),
+            f"lora.rank={max(ranks)}", f"lora.alpha={ALPHA}", "lora.scaling=alpha/r",  # the protocol's rule, pinned
+            "output.save_adapter=false", *optimizer_overrides(),
         ]
         for m in size.methods:
             for seed in size.seeds:
@@ -120,6 +122,17 @@ def _variant_section(out: Path, variant: str, ranks: tuple[int, ...], records: l
             per_band = [float(mean[lo - 1:hi].mean()) for lo, hi in bands]
             ratio = per_band[-1] / per_band[0] if per_band[0] > 0 else float("nan")
             slot_rows.append([m, *(f"{v:.3g}" for v in per_band), f"{ratio:.3g}"])
+    # Diagnostics (issue 18) of the pair in question: cut-off accuracy per client rank, prediction shares.
+    diag_rows = []
+    for m in ("rbla", "zeropad"):
+        recs = [r for r in records if r.spec.label("method") == m]
+        if not recs:
+            continue
+        ds = [d for d in diagnose([r.run_dir for r in recs]).values() if d]
+        numbers[m]["diagnostics"] = ds
+        cuts = [f"{np.mean([d['cutoff_accuracy'][str(k)] for d in ds]):.3f}" for k in sorted(set(ranks))]
+        share = [d["pred_fractions"][1] for d in ds]
+        diag_rows.append([m, *cuts, f"{np.mean(share):.2f} ({min(share):.2f}–{max(share):.2f})"])
     md = [
         f"### {variant}: client ranks {list(ranks)}",
         "",
@@ -129,6 +142,12 @@ def _variant_section(out: Path, variant: str, ranks: tuple[int, ...], records: l
         "trained only by the clients of higher rank); last column: widest band / first band.",
         "",
         md_table(["method", *(f"slots {lo}–{hi}" for lo, hi in bands), "tail / head"], slot_rows),
+        "",
+        "Diagnostics of the final global adapter (fedlora.bench.rbla_diagnostics): held-out accuracy with every "
+        "slot above k removed, for k in the client ranks (mean over seeds), and the share of held-out predictions "
+        "that are the positive class (mean, range).",
+        "",
+        md_table(["method", *(f"cut at {k}" for k in sorted(set(ranks))), "positive share"], diag_rows),
         "",
     ]
     return md, numbers

@@ -26,10 +26,17 @@ What it costs and what it does not do. Masked values travel as int64 (8 bytes, t
 shares, over three extra round trips. The server cannot bound or reject one client's update (norm bounds, a
 strategy refusing one client): SecAgg protects clients from the server, not the server from a client. Example
 counts (weights) and the clients' losses travel in the clear. Compression: SecAgg+ quantizes to its own
-integer field, so federation.compression must be none. DP: with privacy.mode=sample each client's upload is
-already (epsilon, delta)-DP towards everyone, the server included; SecAgg adds that the server sees only the
-sum. privacy.mode=client (server-side clip and noise) is refused with SecAgg for now: it needs the clipping
-moved to the clients.
+integer field, so federation.compression must be none.
+
+DP. With privacy.mode=sample each client's upload is already (epsilon, delta)-DP towards everyone, the server
+included; SecAgg adds that the server sees only the sum. With privacy.mode=client (DP-FedAvg) each client clips
+its own change (in the aggregate's coordinates, to privacy.clip) before it enters the sum, weights are uniform,
+and the server adds N(0, sigma^2 S^2) once to the unmasked sum of clipped changes and divides by the expected
+number of clients, exactly as without SecAgg (`dp.ClientLevelDP`). The client-level (epsilon, delta) guarantee then
+holds for everything the server releases (downlinks, the model), against other clients and anyone downstream;
+the server itself sees the sum of the clipped changes before its noise, never an individual update, so towards
+the server the protection is SecAgg's (one sum over the round's clients), not DP. Noise that even the server
+never sees removed would need each client to add its share (distributed DP); fedlora does not do that.
 
 Security note on Flower 1.42: its `pseudo_rand_gen` seeds NumPy's RandomState with a 32-bit fold of the
 32-byte shared secret, so a mask has 2**32 possible values; a server able to try them all could strip a
@@ -73,9 +80,6 @@ def config_refusal(cfg, strategy) -> str | None:
                 f"federation.compression=none, not {cfg.federation.compression}")
     if cfg.federation.aggregation != "mean":
         return f"{where}: federation.aggregation={cfg.federation.aggregation} reads individual updates; use mean"
-    if cfg.privacy.mode == "client":
-        return (f"{where} with privacy.mode=client is not supported yet (the clipping would have to run on the "
-                "clients); use privacy.mode=sample (DP-SGD on each client) or none")
     if cfg.federation.per_round() < 2:
         return f"{where} needs at least 2 clients per round (a sum of one is that client's update)"
     return None
@@ -90,6 +94,7 @@ class Plan:
     max_weight: float  # weights (example counts) are clamped to it: SecAgg+ divides by it
     clip: float
     bits: int
+    dp_clip: float | None = None  # privacy.mode=client: each client clips its change to this before summing
 
     @property
     def quantization_range(self) -> int:
@@ -100,8 +105,10 @@ def plan(server, clients: list[int]) -> Plan:
     cfg = server.cfg
     ranks = [server.expected_rank(c) for c in clients]
     coefs = server.strategy.contribution_scales(ranks, [cfg.lora.scale(r) for r in ranks])
+    dp = cfg.privacy.mode == "client"  # DP-FedAvg: uniform weights, each change clipped on its client
     return Plan(width=max(ranks), coefs={c: float(f) for c, f in zip(clients, coefs)},
-                max_weight=float(max(server.client_sizes)), clip=cfg.privacy.secagg_clip, bits=cfg.privacy.secagg_bits)
+                max_weight=1.0 if dp else float(max(server.client_sizes)), clip=cfg.privacy.secagg_clip,
+                bits=cfg.privacy.secagg_bits, dp_clip=cfg.privacy.clip if dp else None)
 
 
 def layout(parts, dims: dict[str, tuple[int, int]], head: dict[str, tuple[int, ...]],
@@ -125,16 +132,52 @@ def _pad(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def summand(strategy, parts, update, names: list[tuple[str, tuple[int, ...]]], coef: float) -> list[np.ndarray]:
-    """Client side: the arrays a client adds to the secure sum, in `names` order: its sent parts padded to the
-    round's width (B times `coef`), then its head."""
+def contributions(strategy, parts, factors, head, coef: float) -> dict[str, np.ndarray]:
+    """The sent tensors in the aggregate's coordinates: B times the client's c_k, A, R and the head as sent."""
     from fedlora.dp import sent_tensors
 
-    sent = sent_tensors(strategy, parts, update.factors, update.head)
-    if set(sent) != {n for n, _ in names}:
-        raise ValueError(f"secure aggregation: the update's tensors {sorted(sent)[:2]} do not fit the round's layout")
-    return [_pad(sent[n] * (coef if n.endswith(".B") and not n.startswith("head.") else 1.0), shape)
-            for n, shape in names]
+    return {n: a * (coef if n.endswith(".B") and not n.startswith("head.") else 1.0)
+            for n, a in sent_tensors(strategy, parts, factors, head).items()}
+
+
+def summand(strategy, parts, update, names: list[tuple[str, tuple[int, ...]]], coef: float,
+            start: tuple | None = None, dp_clip: float | None = None) -> list[np.ndarray]:
+    """Client side: the arrays a client adds to the secure sum, in `names` order: its sent parts padded to the
+    round's width (B times `coef`), then its head. With `dp_clip` (client-level DP) the change against `start`
+    (the factors and head the client started from) is clipped to L2 norm `dp_clip` first, in these coordinates,
+    as the server does without SecAgg (dp.ClientLevelDP)."""
+    now = contributions(strategy, parts, update.factors, update.head, coef)
+    if set(now) != {n for n, _ in names}:
+        raise ValueError(f"secure aggregation: the update's tensors {sorted(now)[:2]} do not fit the round's layout")
+    if dp_clip is not None:
+        from fedlora.privacy.client_dp import clip_update
+
+        ref = contributions(strategy, parts, start[0], start[1], coef)
+        clipped, _ = clip_update({k: now[k] - ref[k] for k in now}, dp_clip)
+        now = {k: ref[k] + clipped[k] for k in now}
+    return [_pad(now[n], shape) for n, shape in names]
+
+
+def noised_mean(server, the_plan: Plan, arrays: list[np.ndarray], members: list) -> list[np.ndarray]:
+    """Client-level DP on the unmasked mean of clipped uploads (uniform weights): the sum of the clipped changes
+    gets N(0, sigma^2 S^2) once and is divided by the fixed expected number of clients (per slot for RBLA), as
+    `dp.ClientLevelDP` does for a plain round; returned as the mean the strategy then reads."""
+    from fedlora.privacy.client_dp import gaussian_noise
+
+    names = server_layout(server, the_plan.width)
+    n = len(members)
+    refs = {name: np.zeros(shape) for name, shape in names}
+    for u in members:  # what each member started from, in the same coordinates (the server's own state)
+        ref = contributions(server.strategy, server.up_parts(), server.sent_factors(u.client_id), server.head,
+                            the_plan.coefs[u.client_id])
+        for name, shape in names:
+            refs[name] += _pad(ref[name], shape)
+    changes = {name: n * np.asarray(a, np.float64) - refs[name] for (name, _), a in zip(names, arrays)}
+    mech = server.mechanism
+    rng = np.random.default_rng([server.cfg.seed, server.round + 1, 99])  # as dp.ClientLevelDP.prepare
+    noisy = gaussian_noise(changes, mech.sigma * the_plan.dp_clip, rng)
+    spread = mech._spread(server, members)  # D_j / m_j: the strategy's mean over D_j becomes the sum over m_j
+    return [(refs[name] + spread(name, shape) * noisy[name]) / n for name, shape in names]
 
 
 @dataclass
@@ -159,6 +202,8 @@ def mean_update(server, the_plan: Plan, arrays: list[np.ndarray], members: list)
     names = server_layout(server, the_plan.width)
     if len(arrays) != len(names) or any(np.shape(a) != s for a, (_, s) in zip(arrays, names)):
         raise ValueError("secure aggregation: the unmasked sum does not have the round's layout")
+    if the_plan.dp_clip is not None:
+        arrays = noised_mean(server, the_plan, arrays, members)
     mean = {n: np.asarray(a, np.float64) for (n, _), a in zip(names, arrays)}
     if not all(np.all(np.isfinite(a)) for a in mean.values()):
         raise ValueError("secure aggregation: the unmasked sum has non-finite values")
@@ -243,8 +288,10 @@ def in_process_round(server, updates: list, rng: np.random.Generator) -> "Summed
         return f"secure aggregation needs 2 clients, {len(updates)} sent an update"
     the_plan = plan(server, [u.client_id for u in updates])
     names = server_layout(server, the_plan.width)
-    summands = [summand(server.strategy, server.up_parts(), u, names, the_plan.coefs[u.client_id]) for u in updates]
-    weights = [max(1.0, min(float(u.num_examples), the_plan.max_weight)) for u in updates]
+    summands = [summand(server.strategy, server.up_parts(), u, names, the_plan.coefs[u.client_id],
+                        (server.sent_factors(u.client_id), server.head), the_plan.dp_clip) for u in updates]
+    weights = [1.0 if the_plan.dp_clip is not None else max(1.0, min(float(u.num_examples), the_plan.max_weight))
+               for u in updates]
     mean = secure_mean(summands, weights, the_plan, rng)
     members = [replace(u, factors={}, head={}, num_examples=int(w)) for u, w in zip(updates, weights)]
     values = sum(int(np.prod(shape)) for _, shape in names)

@@ -48,7 +48,8 @@ def secure_reply(strategy, dims, down, update, ins: ConfigRecord, extra: dict) -
     width, coef, max_weight = int(ins["width"]), float(ins["coef"]), float(ins["max-weight"])
     parts = strategy.roles(down.round).up
     names = secagg.layout(parts, dims, {k: np.shape(h) for k, h in down.head.items()}, width)
-    x = secagg.summand(strategy, parts, update, names, coef)
+    dp_clip = float(ins.get("dp-clip", 0.0)) or None  # client-level DP: the change is clipped here, on the client
+    x = secagg.summand(strategy, parts, update, names, coef, (down.factors, down.head), dp_clip)
     weight = max(1, int(min(update.num_examples, max_weight)))
     plan = secagg.Plan(width, {}, max_weight, float(ins["clip"]), int(ins["bits"]))
     metrics = {
@@ -175,7 +176,8 @@ def secure_round(transport, run, clients: list[int]):
     for node, c in nodes.items():
         msg, _ = transport._instruction(run, c, node, MessageType.TRAIN)
         msg.content[SECAGG_INS] = ConfigRecord({"width": plan.width, "coef": plan.coefs[c], "clip": plan.clip,
-                                                "bits": plan.bits, "max-weight": plan.max_weight})
+                                                "bits": plan.bits, "max-weight": plan.max_weight,
+                                                "dp-clip": plan.dp_clip or 0.0})
         instructions[node] = msg.content
     grid = _Recorder(transport.grid)
     taker = _SumTaker(list(nodes))

@@ -104,3 +104,29 @@ def test_two_supernodes_with_tls_and_node_auth_train_ffa_mixed_ranks(deployment)
     accuracy = _accuracy(model, prepare_data(cfg, load_tokenizer(cfg.model.name)).test)
     assert accuracy > MAJORITY_CLASS
     assert abs(accuracy - rows[-1]["eval_accuracy"]) <= 1e-3  # the exported adapter is the evaluated model
+
+
+def test_three_supernodes_with_tls_node_auth_and_secure_aggregation(deployment):
+    """TLS + SuperNode authentication + SecAgg+ (issue 19): three SuperNodes, FFA with ranks [4, 8, 8]; the
+    ServerApp only ever gets the unmasked sum (no reply carries an array) and the model still learns."""
+    dep = deployment
+    deploy_local.make_certificates(dep.certs)
+    keys = [deploy_local.make_node_key(dep.workdir / "keys", f"node-{k}") for k in range(3)]
+    dep.start_superlink()
+    for _, public in keys:
+        dep.register(public)
+    for k, (private, _) in enumerate(keys):
+        dep.start_supernode(f"node-{k}", private, k, 3, threads=1)
+    run_dir = dep.workdir / "run"
+    overrides = ("federation.num_clients=3 federation.ranks=[4, 8, 8] federation.local_steps=8 "
+                 "privacy.secure_aggregation=true output.save_adapter=false")
+    done = dep.run({"config": str(ROOT / "configs" / "flower-demo.toml"), "overrides": overrides,
+                    "out": str(run_dir), "node-wait": 90.0, "round-timeout": 240.0}, timeout=600.0)
+    log = (done.stdout + done.stderr)[-2000:]
+    assert done.returncode == 0 and (run_dir / "summary.json").exists(), log
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["clients"] == [0, 1, 2] and r["dropped"] == [] and r["secure_aggregation"] is True
+        assert r["secagg_reply_arrays"] == 0 and r["secagg_sums_received"] == 1 and "failed" not in r
+    assert rows[-1]["eval_accuracy"] > MAJORITY_CLASS

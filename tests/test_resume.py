@@ -131,6 +131,8 @@ CASES = {
     "flora-base-deltas": (3, ["strategy.name=flora", "federation.dropout=0.3"]),
     # FedSA: each client's B lives only in its own state (client-state/), never in the server's checkpoint.
     "fedsa-personal-B": (3, ["strategy.name=fedsa", "federation.clients_per_round=2"]),
+    # Top-k uploads: each client's error-feedback residual (ef/ in client-state/) and int8-style seeded rounding.
+    "topk-error-feedback": (3, ["federation.compression=topk", "federation.clients_per_round=2"]),
 }
 
 

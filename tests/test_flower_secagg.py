@@ -93,3 +93,12 @@ def test_compressed_uploads_same_rounds_local_and_flower_sim(tmp_path):
     for a, b in zip(local, sim):
         assert a["bytes_up"] == b["bytes_up"] and a["bytes_up_head"] == b["bytes_up_head"]
         assert abs(a["eval_accuracy"] - b["eval_accuracy"]) <= 1e-3 and abs(a["train_loss"] - b["train_loss"]) <= 1e-6
+
+
+def test_secagg_with_client_level_dp_on_flower_sim(tmp_path):
+    """Clients clip their own change before masking; the server noises the sum and accounts the round."""
+    _, summary, rows = _run(tmp_path, "dp", ["federation.rounds=1", "engine=flower-sim", "privacy.secure_aggregation=true",
+                                             "privacy.mode=client", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"])
+    assert rows[0]["secure_aggregation"] is True and rows[0]["secagg_reply_arrays"] == 0
+    assert rows[0]["epsilon"] > 0 and rows[0]["privacy"] == "client"
+    assert summary["rounds"] == 1

@@ -24,8 +24,9 @@ PNGS = {
     "paper-ffa": ["accuracy_vs_rounds.png", "accuracy_vs_rounds_lora_only.png", "accuracy_vs_epsilon.png"],
     "paper-rbla": ["rbla_accuracy_vs_rounds.png", "rbla_slot_norms.png"],
     "speed": ["aggregation_time.png"],
+    "comm": [],  # one table, no plots
 }
-TABLES = {"paper-ffa": 4, "paper-rbla": 2, "speed": 4}  # at least this many markdown tables
+TABLES = {"paper-ffa": 4, "paper-rbla": 2, "speed": 4, "comm": 1}  # at least this many markdown tables
 
 
 def _tables(md: str) -> list[str]:

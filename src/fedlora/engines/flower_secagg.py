@@ -129,7 +129,7 @@ class _SumTaker:
         return None, {}
 
 
-def _member(c: int, fitres, reports: bool) -> Update:
+def _member(c: int, fitres, reports: bool, max_weight: float) -> Update:
     """A contributor's metadata (no factors) from its FitRes metrics; ValueError if malformed."""
     m = fitres.metrics
 
@@ -147,7 +147,10 @@ def _member(c: int, fitres, reports: bool) -> Update:
         if not isinstance(text, str) or len(text) > 1 << 20:
             raise ValueError(f"client {c}: privacy report missing or too large")
         privacy = json.loads(text)
-    return Update(client_id=c, rank=num("rank", True), factors={}, head={}, num_examples=int(fitres.num_examples),
+    # The weight SecAgg+ summed with is the client's own claim: bounded as the mod bounds it (RBLA's per-slot
+    # means read it again).
+    weight = int(min(max(1, int(fitres.num_examples)), max_weight))
+    return Update(client_id=c, rank=num("rank", True), factors={}, head={}, num_examples=weight,
                   train_loss=num("train-loss"), steps=max(0, num("steps", True)), samples=max(0, num("samples", True)),
                   train_s=max(0.0, num("train-s")), privacy=privacy)
 
@@ -215,7 +218,7 @@ def secure_round(transport, run, clients: list[int]):
                           f"update, too few to unmask (privacy.secagg_threshold={cfg.privacy.secagg_threshold})")
         return replies
     try:
-        members = [_member(nodes[node], fitres, server.mechanism.client_reports)
+        members = [_member(nodes[node], fitres, server.mechanism.client_reports, plan.max_weight)
                    for node, fitres in sorted(contributed.items(), key=lambda kv: nodes[kv[0]])]
         summed = secagg.SummedRound(secagg.mean_update(server, plan, mean, members), members)
     except (ValueError, KeyError, TypeError) as exc:

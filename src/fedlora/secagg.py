@@ -13,9 +13,10 @@ SecAgg+ messages. Key agreement, Shamir sharing, masking, quantization and unmas
 fedlora writes no cryptography. What fedlora adds is which vector is summed and how the server reads the sum.
 
 What is summed. Strategies whose aggregate is a weighted sum of what clients send (`Strategy.secure_sum`,
-by default the same as `linear`: ffa, fedit, zeropad, rbla, fedsvd) run under SecAgg; the others are refused in
-one line. Client k sends c_k·pad(X_k) for every part it sends this round, padded to the round's widest rank W,
-and its head, where c_k is the strategy's `contribution_scales` (FFA with mixed ranks: s_k / s_W), weighted by
+by default the same as `linear`: ffa, fedit, zeropad, rbla, fedsvd, rolora, fedsa, fedsb) run under SecAgg; the
+others are refused in one line. Client k sends c_k·pad(X_k) for every part it sends this round, padded to the
+round's widest rank W, and its head, where c_k is the strategy's `contribution_scales` (FFA with mixed ranks:
+s_k / s_W), weighted by
 its example count w_k (SecAgg+ multiplies by w_k / max_weight and also sums the weights). The server gets
 M = Σ w_k c_k pad(X_k) / Σ w_k, divides RBLA's slot j by the share of the weight that holds it (it knows
 the ranks and weights of the clients that took part), and hands the strategy M as the one update of the round.

@@ -97,8 +97,9 @@ def test_compressed_uploads_same_rounds_local_and_flower_sim(tmp_path):
 
 def test_secagg_with_client_level_dp_on_flower_sim(tmp_path):
     """Clients clip their own change before masking; the server noises the sum and accounts the round."""
-    _, summary, rows = _run(tmp_path, "dp", ["federation.rounds=1", "engine=flower-sim", "privacy.secure_aggregation=true",
-                                             "privacy.mode=client", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"])
+    _, summary, rows = _run(tmp_path, "dp", ["federation.rounds=1", "engine=flower-sim",
+                                             "privacy.secure_aggregation=true", "privacy.mode=client",
+                                             "privacy.noise_multiplier=0.5", "privacy.clip=0.5"])
     assert rows[0]["secure_aggregation"] is True and rows[0]["secagg_reply_arrays"] == 0
     assert rows[0]["epsilon"] > 0 and rows[0]["privacy"] == "client"
     assert summary["rounds"] == 1

@@ -20,8 +20,8 @@ HEAD = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
 
 
 def _servers(name: str, ranks: list[int], extra: tuple[str, ...] = ()):
-    cfg = load_config(None, [f"strategy.name={name}", f"federation.ranks={ranks}", f"federation.num_clients={len(ranks)}",
-                             "privacy.secure_aggregation=true", *extra])
+    cfg = load_config(None, [f"strategy.name={name}", f"federation.ranks={ranks}",
+                             f"federation.num_clients={len(ranks)}", "privacy.secure_aggregation=true", *extra])
     out = []
     for _ in range(2):
         strategy = build_strategy(cfg, DIMS)

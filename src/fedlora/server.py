@@ -230,7 +230,8 @@ class Server:
                               f"({'; '.join(f'client {c}: {r}' for c, r in sorted(bad.items())) or 'duplicate'})")
         self._enough(members, {})
         mean = self._as_sent(summed.mean)
-        reason = self.check_update(replace(mean, privacy=next(u.privacy for u in members if u.client_id == mean.client_id)))
+        widest = next(u for u in members if u.client_id == mean.client_id)
+        reason = self.check_update(replace(mean, privacy=widest.privacy))
         if reason:
             raise RoundFailed(f"round {self.round + 1}: secure aggregation: the summed update is invalid: {reason}")
         saved = copy.deepcopy(self.strategy.state_dict())

@@ -164,8 +164,10 @@ class FederationConfig(_Section):
         return self.clients_per_round or self.num_clients
 
 
-# The scale rule `lora.scaling = "auto"` picks when client ranks differ. Chosen from measurement: see
-# docs/results/paper-rbla-scaling/report.md (issue 18).
+# The scale rule `lora.scaling = "auto"` picks when client ranks differ. Chosen from measurement
+# (docs/results/paper-rbla-scaling/report.md, issue 18): with one aggregation scale, alpha/r, rsLoRA and constant
+# were within one std of each other for rbla, zeropad and hetlora, so PEFT's rule stays. Under plain SGD with alpha
+# set for the widest rank, alpha/r can blow up the lowest rank (paper-rbla-digits): pick alpha for the smallest.
 SCALING_FOR_MIXED_RANKS = "alpha/r"
 
 

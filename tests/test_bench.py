@@ -174,3 +174,20 @@ def test_unknown_suite_or_size_is_one_line_exit_2(tmp_path, capsys):
     assert err.count("\n") == 0 and "unknown bench suite" in err and "paper-ffa" in err
     with pytest.raises(ValueError, match="unknown bench size"):
         run_suite("paper-ffa", tmp_path, size="huge")
+
+
+def test_bytes_per_round_covers_every_method_with_its_own_parts():
+    """Each method's table row comes from updates it accepts (Fed-SB checks that only R moved) and counts what
+    the server counts: Fed-SB r² a module each way, FFA B only, FedSA A down."""
+    from fedlora.bench.aggregation import MINILM_SHAPES
+    from fedlora.bench.speed import bytes_per_round
+    from fedlora.strategies import available_strategies
+
+    rows = {r["method"]: r for r in bytes_per_round((4, 4))}
+    assert set(rows) == set(available_strategies())
+    n_mod = len(MINILM_SHAPES)
+    assert rows["fedsb"]["bytes_up"] == rows["fedsb"]["bytes_down"] == 2 * n_mod * 4 * 4 * 4
+    b_only = 2 * 4 * 4 * sum(d_out for d_out, _ in MINILM_SHAPES.values())
+    assert rows["ffa"]["bytes_up"] == rows["ffa"]["bytes_down"] == b_only
+    assert rows["fedit"]["bytes_up"] == 2 * 4 * 4 * sum(d_out + d_in for d_out, d_in in MINILM_SHAPES.values())
+    assert rows["fedsa"]["bytes_down"] == rows["fedit"]["bytes_up"] - b_only

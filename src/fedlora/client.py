@@ -163,11 +163,10 @@ class ClientTrainer:
         self.dims = lora.module_dims(host.model)
         self.task = host.task
 
-    def load(self, down: Downlink, client_id: int) -> str:
-        """Put the downlink (and the client's own personal parts) into the adapter of the client's rank; return
-        the adapter name."""
+    def start_factors(self, down: Downlink, client_id: int) -> tuple[dict[str, LoraFactors], dict[str, np.ndarray]]:
+        """(factors in the client's own scale, head) the client starts the round from: the downlink, a fresh LoRA
+        (FLoRA), and the client's own personal parts (FedSA's B) where it kept some."""
         rank = down.rank
-        adapter = self.host.ensure_rank(rank)
         factors = down.factors or fresh_factors(self.cfg, self.dims, rank, down.round, client_id)
         factors = lora.with_scale(factors, self.cfg.lora.scale(rank))
         personal = self.strategy.roles(down.round).personal
@@ -176,9 +175,15 @@ class ClientTrainer:
             if kept:  # a client's first round starts from the downlink's init
                 factors = {m: self.strategy.from_parts(m, {p: kept[personal_key(m, p)] for p in personal}, f)
                            for m, f in factors.items()}
+        return factors, down.head
+
+    def load(self, down: Downlink, client_id: int) -> str:
+        """Put the client's starting point into the adapter of its rank; return the adapter name."""
+        adapter = self.host.ensure_rank(down.rank)
+        factors, head = self.start_factors(down, client_id)
         lora.set_factors(self.host.model, adapter, factors)
-        if down.head:
-            lora.set_head(self.host.model, adapter, down.head)
+        if head:
+            lora.set_head(self.host.model, adapter, head)
         return adapter
 
     def save_personal(self, client_id: int, round_idx: int, factors: dict[str, LoraFactors]) -> None:

@@ -54,7 +54,8 @@ class ModelConfig(_Section):
     # Where and in what precision the base model runs, for every task. auto: a CUDA GPU when one is visible,
     # else Apple's MPS, else the CPU. LoRA factors stay float32 whatever the base's dtype.
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # float64: exactness checks and numerics research (several times slower)
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     # A 4- or 8-bit base (QLoRA, bitsandbytes): needs CUDA and the bitsandbytes package (task=causal-lm).
     quantize: Literal["none", "4bit", "8bit"] = "none"
@@ -99,6 +100,11 @@ class FederationConfig(_Section):
     clients_per_round: int | None = Field(None, ge=1)  # None: every client, every round
     local_steps: int = Field(25, ge=1)
     batch_size: int = Field(16, ge=1)
+    # Train a round's clients together: one forward/backward over the union of their batches, each row through its
+    # own client's adapter and head (fedlora.batched: the same updates as one by one, each client still taking its
+    # own optimizer steps). "auto": on the in-process engine wherever that stays exact (not under DP-SGD, HetLoRA,
+    # Fed-SB or FedSA); true: the same, and says once why a round falls back; false: one by one.
+    batched_clients: bool | Literal["auto"] = "auto"
     partition: Literal["iid", "dirichlet", "label-skew", "fractions"] = "dirichlet"
     alpha: float = Field(5.0, gt=0.0)  # Dirichlet concentration (per class over clients; 2 labels: 5 gives mixed but skewed clients)
     label_fractions: list[list[float]] | None = None  # partition=fractions: per-client label proportions

@@ -28,12 +28,17 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """float32 (a float64 model, as in exactness tests, stays float64)."""
+    t = t.detach()
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).cpu().numpy().copy()
+
+
 def get_factors(model: torch.nn.Module, adapter: str) -> dict[str, LoraFactors]:
     """Copy an adapter's factors out as float32 NumPy arrays."""
     out = {}
     for name, layer in lora_layers(model).items():
-        A = layer.lora_A[adapter].weight.detach().float().cpu().numpy().copy()
-        B = layer.lora_B[adapter].weight.detach().float().cpu().numpy().copy()
+        A, B = _to_numpy(layer.lora_A[adapter].weight), _to_numpy(layer.lora_B[adapter].weight)
         out[name] = LoraFactors(A=A, B=B, scale=float(layer.scaling[adapter]))
     return out
 
@@ -91,8 +96,8 @@ def set_factors(model: torch.nn.Module, adapter: str, factors: dict[str, LoraFac
                 f"module {name}: factors of shape A{f.A.shape} B{f.B.shape} do not fit adapter {adapter!r} "
                 f"(A{tuple(a.shape)} B{tuple(b.shape)})"
             )
-        a.copy_(torch.from_numpy(np.asarray(f.A, dtype=np.float32)))
-        b.copy_(torch.from_numpy(np.asarray(f.B, dtype=np.float32)))
+        a.copy_(torch.as_tensor(np.asarray(f.A)))  # rounded to the adapter's own dtype (float32 unless float64)
+        b.copy_(torch.as_tensor(np.asarray(f.B)))
 
 
 def _head_modules(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Module]:
@@ -105,9 +110,16 @@ def _head_modules(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Mo
     return out
 
 
+def head_wrappers(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Module]:
+    """PEFT's wrappers of the head (ModulesToSaveWrapper), by clean name, for those with a copy for `adapter`."""
+    return {clean_name(name): module for name, module in model.named_modules()
+            if isinstance(getattr(module, "modules_to_save", None), torch.nn.ModuleDict)
+            and adapter in module.modules_to_save}
+
+
 def get_head(model: torch.nn.Module, adapter: str) -> dict[str, np.ndarray]:
     return {
-        f"{mod_name}.{p_name}": p.detach().float().cpu().numpy().copy()
+        f"{mod_name}.{p_name}": _to_numpy(p)
         for mod_name, mod in _head_modules(model, adapter).items()
         for p_name, p in mod.named_parameters()
     }
@@ -117,7 +129,7 @@ def get_head(model: torch.nn.Module, adapter: str) -> dict[str, np.ndarray]:
 def set_head(model: torch.nn.Module, adapter: str, head: dict[str, np.ndarray]) -> None:
     for mod_name, mod in _head_modules(model, adapter).items():
         for p_name, p in mod.named_parameters():
-            p.copy_(torch.from_numpy(np.asarray(head[f"{mod_name}.{p_name}"], dtype=np.float32)))
+            p.copy_(torch.as_tensor(np.asarray(head[f"{mod_name}.{p_name}"])))
 
 
 @torch.no_grad()

@@ -237,7 +237,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def quantization_config(cfg: ExperimentConfig):
@@ -288,6 +288,8 @@ class ModelHost:
         except ValueError as exc:
             raise UserError(f"cannot attach LoRA to {cfg.model.name!r}: {exc}") from None
         self.model.eval()
+        if cfg.model.dtype == "float64":
+            self.model.double()
         self.ranks: set[int] = {ranks[-1]}
         for r in ranks[:-1]:
             self.ensure_rank(r)
@@ -298,6 +300,8 @@ class ModelHost:
         if rank not in self.ranks:
             self.model.add_adapter(name, lora_config(self.cfg, rank))
             self.ranks.add(rank)
+            if self.cfg.model.dtype == "float64":
+                self.model.double()  # PEFT makes adapters float32; a float64 model is float64 throughout
         return name
 
     def activate(self, rank: int, train_A: bool, train_B: bool = True) -> list[torch.nn.Parameter]:

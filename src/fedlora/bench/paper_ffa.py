@@ -75,11 +75,11 @@ SIZES: dict[str, Size] = {
                   epsilons=(1.0, None), dp_batch_size=16, dp_local_steps=1, frozen_head_epsilons=(1.0,),
                   estimate="under a minute (tests only)"),
     # The 2025-26 successors of FFA-LoRA's DP argument beside it (`--size methods`): 5 methods x 4 privacy levels
-    # x 3 seeds, head trained, at a smaller scale than `full` (4 rounds; DP-SGD: 4 steps of expected batch 32)
-    # so that 60 runs fit in about an hour on 2 cores.
-    "methods": Size(seeds=(0, 1, 2), rounds=4, local_steps=8, batch_size=16, max_eval=300, max_length=48,
-                    epsilons=(1.0, 3.0, 6.0, None), methods=NEWER_METHODS, dp_batch_size=32, dp_local_steps=4,
-                    estimate="about 60 min with --jobs 2 on a 2-core CPU shared with other work"),
+    # x 3 seeds, head trained, at a smaller scale than `full` (3 rounds; DP-SGD: 3 steps of expected batch 32)
+    # so that 60 runs fit in well under an hour of 2 idle cores.
+    "methods": Size(seeds=(0, 1, 2), rounds=3, local_steps=6, batch_size=16, max_eval=200, max_length=32,
+                    epsilons=(1.0, 3.0, 6.0, None), methods=NEWER_METHODS, dp_batch_size=32, dp_local_steps=3,
+                    estimate="about 40 min with --jobs 2 on an idle 2-core CPU; far longer when other jobs compete"),
     "methods-smoke": Size(seeds=(0,), rounds=1, local_steps=1, batch_size=16, max_eval=32, max_length=32,
                           epsilons=(1.0,), methods=NEWER_METHODS, dp_batch_size=8, dp_local_steps=1,
                           estimate="about a minute (tests only)"),

@@ -117,24 +117,37 @@ def bytes_per_round(ranks: tuple[int, ...], methods: list[str] | None = None, se
 
     r_max = max(ranks)
     init = lora.initial_factors(seed, MINILM_SHAPES, r_max, ALPHA / r_max)
+    dims = {m: (f.B.shape[0], f.A.shape[1]) for m, f in init.items()}
     rng = np.random.default_rng(seed)
     rows = []
     for name in methods or available_strategies():
         strategy = get_strategy(name, scale_for_rank=lambda r: ALPHA / r, seed=seed, initial_factors=init)
         if len(set(ranks)) > 1 and not strategy.supports_mixed_ranks:
             continue
-        updates = [
-            {m: LoraFactors(
-                A=f.A[:r] if not strategy.trains_A else rng.normal(size=(r, f.A.shape[1])).astype(np.float32),
-                B=rng.normal(size=(f.B.shape[0], r)).astype(np.float32) * 0.01, scale=ALPHA / r)
-             for m, f in init.items()}
-            for r in ranks
-        ]
+        # Each client moves only what the method trains in round 1 (FFA: B; Fed-SB: the core R), from the
+        # method's own starting adapter, so strategies that check the fixed parts accept the updates.
+        trained = strategy.roles(1).train
+        updates = []
+        for r in ranks:
+            start = strategy.starting_factors(
+                {m: LoraFactors(A=f.A[:r], B=f.B[:, :r], scale=ALPHA / r) for m, f in init.items()})
+            updates.append({m: strategy.from_parts(m, {p: (rng.normal(size=a.shape) * 0.01).astype(np.float32)
+                                                       for p, a in strategy.to_parts(m, f, trained).items()}, f)
+                            for m, f in start.items()})
         result = strategy.aggregate(updates, [1.0] * len(ranks))
         rows.append({"method": name, "ranks": list(ranks),
                      "bytes_up": int(sum(strategy.uplink_nbytes(u) for u in updates)),
-                     "bytes_down": int(sum(result.downlink_nbytes(r) for r in ranks))})
+                     "bytes_down": int(sum(downlink_nbytes(strategy, result, r, dims) for r in ranks))})
     return rows
+
+
+def downlink_nbytes(strategy, result, rank: int, dims) -> int:
+    """Steady-state bytes down to one rank-`rank` client, as the server counts them: the parts the method
+    sends down after round 1 (none for methods that start a fresh LoRA each round) plus new base deltas."""
+    from fedlora.strategies.base import parts_nbytes
+
+    factors = 0 if strategy.fresh_lora_each_round else parts_nbytes(strategy.roles(2).down, rank, dims)
+    return factors + int(result.base_delta_nbytes())
 
 
 def run(out: Path, size_name: str, console: Console, jobs: int = 1) -> SuiteOutput:

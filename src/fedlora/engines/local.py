@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 
 from fedlora import compression
+from fedlora.batched import BatchedRound, why_not_batched
 from fedlora.client import ClientTrainer, client_round, evaluate
 from fedlora.client_state import CLIENT_STATE_DIR, ClientStateStore
 from fedlora.dp import SamplePrivacy
@@ -25,14 +26,13 @@ class LocalTransport(Transport):
         self.trainer = ClientTrainer(run.cfg, run.host, run.strategy, ClientStateStore(run.run_dir / CLIENT_STATE_DIR))
         states = {c: run.server.mechanism.client_state(run.cfg, len(d)) for c, d in enumerate(run.data.clients)}
         self.client_privacy: dict[int, SamplePrivacy] = {c: dp for c, dp in states.items() if dp is not None}
+        self._said_why = False
 
     def train(self, run: Run, clients: list[int]) -> RoundReplies:
         replies = RoundReplies([], {})
         lossy = compression.CompressionSpec.from_config(run.cfg).lossy
         up = up_head = 0
-        for c in clients:
-            down = run.server.downlink(c)
-            out = client_round(self.trainer, c, down, run.data.clients[c], self.client_privacy.get(c))
+        for c, down, out in self._trained(run, clients):
             if isinstance(out, str):
                 replies.dropped[c] = out
                 run.progress.note(f"client {c}: {out}")
@@ -51,6 +51,30 @@ class LocalTransport(Transport):
         if run.cfg.privacy.secure_aggregation:
             return secure_replies(run, replies)
         return replies
+
+    def _trained(self, run: Run, clients: list[int]):
+        """(client, downlink, its update or why it sat out), in client order: the round's clients trained together
+        when `federation.batched_clients` allows it and it stays exact, else one by one."""
+        if self._batched(run, clients):
+            downs = [run.server.downlink(c) for c in clients]
+            updates = BatchedRound(self.trainer).train(
+                [(c, d, run.data.clients[c]) for c, d in zip(clients, downs)])
+            yield from zip(clients, downs, updates)
+            return
+        for c in clients:
+            down = run.server.downlink(c)
+            yield c, down, client_round(self.trainer, c, down, run.data.clients[c], self.client_privacy.get(c))
+
+    def _batched(self, run: Run, clients: list[int]) -> bool:
+        """Whether this round's clients train together (federation.batched_clients), saying once why not."""
+        mode = run.cfg.federation.batched_clients
+        if mode is False or len(clients) < 2:
+            return False
+        why = why_not_batched(self.trainer, run.server.round + 1, private=bool(self.client_privacy))
+        if why is not None and mode is True and not self._said_why:
+            run.progress.note(f"batched clients: training one by one ({why})")
+            self._said_why = True
+        return why is None
 
     def personal_eval(self, run: Run) -> tuple[float, int] | None:
         """Every client that has trained, with its own personal parts under the global ones, on the held-out set

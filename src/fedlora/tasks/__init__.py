@@ -45,7 +45,11 @@ class Task(ABC):
 
     def loss(self, module: "torch.nn.Module", batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
         """The training loss of a batch: a mean over examples (DP-SGD clips per example and expects a mean)."""
-        return module(**batch).loss
+        return self.loss_per_example(module, batch).mean()
+
+    @abstractmethod
+    def loss_per_example(self, module: "torch.nn.Module", batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        """Each example's training loss (N,): `loss` is their mean; batched clients take each client's own mean."""
 
     @abstractmethod
     def evaluate(self, model: "torch.nn.Module", data: "EncodedData", batch_size: int, pad_id: int) -> tuple[float, float]:

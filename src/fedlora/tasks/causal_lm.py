@@ -156,8 +156,8 @@ class CausalLM(Task):
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
                 "labels": torch.from_numpy(labels)}
 
-    def loss(self, module, batch):
-        """Mean over examples of each example's mean next-token loss on its response tokens."""
+    def loss_per_example(self, module, batch):
+        """Each example's mean next-token loss on its response tokens (`loss` is their mean)."""
         import torch
 
         labels = batch["labels"]
@@ -173,7 +173,7 @@ class CausalLM(Task):
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
             reduction="none").view(targets.shape)
         counted = (targets != -100).sum(dim=1).clamp(min=1)
-        return (token_loss.sum(dim=1) / counted).mean()
+        return token_loss.sum(dim=1) / counted
 
     def evaluate(self, model, data, batch_size, pad_id):
         """(mean response loss, label-match accuracy of greedy generations)."""

@@ -80,6 +80,18 @@ class SequenceClassification(Task):
 
         return collate(data, idx, pad_id)
 
+    def loss(self, module, batch):
+        return module(**batch).loss  # the model's own single-label cross-entropy (a mean over the batch)
+
+    def loss_per_example(self, module, batch):
+        """Cross-entropy per example; their mean is the model's own loss (`loss`)."""
+        import torch
+
+        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device), reduction="none")
+
     def evaluate(self, model, data, batch_size, pad_id):
         from fedlora.client import evaluate_classifier
 

@@ -2,7 +2,8 @@
 only to clients that trained, and stops with one clear line when fewer than min_clients valid updates remain.
 
 In-process (fedlora.Run on engine=local), the real embedded MiniLM and rotten_tomatoes data at tiny sizes. Bad updates are
-injected by wrapping `ClientTrainer.train` and corrupting chosen clients' updates in chosen rounds.
+injected where the local engine hands the round's trained updates to the server (`LocalTransport._trained`, which
+both the batched and the one-by-one path feed), corrupting chosen clients' updates in chosen rounds.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import pytest
 
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.cli import main
-from fedlora.client import ClientTrainer, Update
+from fedlora.client import Update
 from fedlora.config import RoundFailed, load_config
+from fedlora.engines.local import LocalTransport
 from fedlora.federated_run import Run
 from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
@@ -132,16 +134,18 @@ def lies_about_rank(u: Update) -> Update:
     return replace(u, rank=u.rank * 2)  # factors of rank 8 fit under 16, but 16 is not the client's rank
 
 
-def corrupting(trainer: ClientTrainer, plan: dict[tuple[int, int], callable]):
-    """A `train` that corrupts the update of (round, client) per `plan`; everything else trains for real."""
-    real = ClientTrainer.train.__get__(trainer)
+HONEST_TRAINED = LocalTransport._trained  # captured once: a second `corrupt` replaces the first plan, not stacks
 
-    def train(client_id, down, data, dp=None):
-        u = real(client_id, down, data, dp=dp)
-        bad = plan.get((down.round, client_id))
-        return bad(u) if bad else u
 
-    return train
+def corrupt(monkeypatch, plan: dict[tuple[int, int], callable]) -> None:
+    """Clients whose update of (round, client) `plan` corrupts after training for real; the rest are honest.
+    Patched on the transport, so it holds whether the round's clients trained batched or one by one."""
+    def _trained(self, run, clients):
+        for c, down, out in HONEST_TRAINED(self, run, clients):
+            bad = plan.get((down.round, c))
+            yield c, down, (bad(out) if bad and not isinstance(out, str) else out)
+
+    monkeypatch.setattr(LocalTransport, "_trained", _trained)
 
 
 REASONS = {
@@ -162,7 +166,7 @@ def test_bad_updates_are_rejected_with_their_reason_and_the_run_completes(tmp_pa
         (2, 0): wrong_shape, (2, 2): huge_norm,
         (3, 1): rank_above, (3, 2): wrong_modules, (3, 0): lies_about_rank,
     }
-    monkeypatch.setattr(run.engine.trainer, "train", corrupting(run.engine.trainer, plan))
+    corrupt(monkeypatch, plan)
     with pytest.raises(RoundFailed, match=r"round 3: only 0 valid updates"):
         run.run()  # round 3 corrupts all three clients: min_clients=1 cannot be met
     rows = read_metrics(tmp_path)
@@ -181,9 +185,8 @@ def test_bad_updates_are_rejected_with_their_reason_and_the_run_completes(tmp_pa
 
     # Round 3 again, with one corrupt client only: rejected, named, and the run completes.
     plan3 = {(3, 1): rank_above}
-    monkeypatch.setattr(run.engine.trainer, "train", corrupting(run.engine.trainer, plan3))
+    corrupt(monkeypatch, plan3)
     resumed = Run.resume(tmp_path, RunProgress(enabled=False), cfg=run.cfg)
-    monkeypatch.setattr(resumed.engine.trainer, "train", corrupting(resumed.engine.trainer, plan3))
     resumed.run()
     rows = read_metrics(tmp_path)
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -193,13 +196,7 @@ def test_bad_updates_are_rejected_with_their_reason_and_the_run_completes(tmp_pa
 
 def test_too_few_valid_updates_is_one_line_and_exit_2_from_the_cli(tmp_path, monkeypatch):
     """Through `fedlora run`: round 2 leaves one valid update of three with min_clients=2."""
-    real = ClientTrainer.train
-
-    def train(self, client_id, down, data, dp=None):
-        u = real(self, client_id, down, data, dp=dp)
-        return nan_in_B(u) if down.round == 2 and client_id != 0 else u
-
-    monkeypatch.setattr(ClientTrainer, "train", train)
+    corrupt(monkeypatch, {(2, 1): nan_in_B, (2, 2): nan_in_B})
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(["run", "--out", str(tmp_path / "run"), *TINY, "federation.num_clients=3", "federation.rounds=2",
@@ -211,7 +208,7 @@ def test_too_few_valid_updates_is_one_line_and_exit_2_from_the_cli(tmp_path, mon
     assert [r["round"] for r in read_metrics(tmp_path / "run")] == [1]
 
     # Nothing lost: once the clients behave, `fedlora resume` finishes the run from round 1's checkpoint.
-    monkeypatch.setattr(ClientTrainer, "train", real)
+    monkeypatch.setattr(LocalTransport, "_trained", HONEST_TRAINED)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         assert main(["resume", str(tmp_path / "run"), "--quiet"]) == 0
     rows = read_metrics(tmp_path / "run")

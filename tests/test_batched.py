@@ -10,7 +10,7 @@ import torch
 
 from fedlora import lora
 from fedlora.batched import BatchedRound, why_not_batched
-from fedlora.client import ClientTrainer, EncodedData
+from fedlora.client import ClientTrainer, EncodedData, shuffled_batches
 from fedlora.config import load_config
 from fedlora.federated_run import build_strategy
 from fedlora.models import ModelHost
@@ -79,13 +79,14 @@ TINY = ["federation.num_clients=4", "federation.local_steps=3", "federation.batc
 FLOAT64 = ["model.dtype=float64", "model.device=cpu"]
 
 
-@pytest.mark.parametrize("method, ranks", [("ffa", "[4]"), ("fedit", "[4]"), ("rbla", "[2, 4, 8, 4]"),
-                                           ("ffa", "[2, 8, 4, 4]")])
-def test_batched_equals_one_by_one_in_float64(method, ranks, monkeypatch, one_torch_thread):
+@pytest.mark.parametrize("method, ranks, batching", [
+    ("ffa", "[4]", "random"), ("fedit", "[4]", "random"), ("rbla", "[2, 4, 8, 4]", "random"),
+    ("ffa", "[2, 8, 4, 4]", "random"), ("ffa", "[2, 8, 4, 4]", "length-buckets")])
+def test_batched_equals_one_by_one_in_float64(method, ranks, batching, monkeypatch, one_torch_thread):
     """SGD with momentum: the update is linear in the gradients, so the two ways agree to float64 rounding."""
     tiny_double_model(monkeypatch)
     cfg = load_config(None, [*TINY, *FLOAT64, "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0.9",
-                             f"strategy.name={method}", f"federation.ranks={ranks}"])
+                             f"strategy.name={method}", f"federation.ranks={ranks}", f"federation.batching={batching}"])
     for jobs, one, together in both_ways(cfg, 4):
         for a, b in zip(one, together):
             assert a.train_loss == pytest.approx(b.train_loss, rel=1e-10, abs=1e-12)
@@ -130,3 +131,32 @@ def test_batched_equals_one_by_one_on_the_embedded_model_in_float32(one_torch_th
         for a, b in zip(one, together):
             assert a.train_loss == pytest.approx(b.train_loss, abs=1e-4)
         assert change_gap(jobs, one, together) < 1e-2
+
+
+def test_length_buckets_regroup_the_same_examples_into_batches_of_similar_length():
+    rng = np.random.default_rng(3)
+    lengths = [int(x) for x in rng.integers(3, 60, size=50)]
+    for steps, batch in ((4, 8), (9, 16)):  # within one pass, and across passes (examples repeat)
+        plain = shuffled_batches(50, batch, steps, np.random.default_rng(7))
+        bucketed = shuffled_batches(50, batch, steps, np.random.default_rng(7), lengths)
+        # The same examples, as many times each, in batches of the same sizes.
+        assert sorted(np.concatenate(plain).tolist()) == sorted(np.concatenate(bucketed).tolist())
+        assert sorted(map(len, plain)) == sorted(map(len, bucketed))
+        # Batches do not overlap in length: sorted by their shortest row, each one's longest is at most the
+        # next one's shortest; so the padding (rows x longest - tokens) can only shrink.
+        spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in bucketed)
+        assert all(hi <= nxt_lo for (_, hi), (nxt_lo, _) in zip(spans, spans[1:]))
+
+        def padding(batches):
+            return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+        assert padding(bucketed) < padding(plain)
+
+
+def test_length_buckets_are_refused_under_dp_sgd_in_one_line():
+    from fedlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match="length-buckets does not work with privacy.mode=sample"):
+        load_config(None, ["federation.batching=length-buckets", "privacy.mode=sample", "privacy.epsilon=3"])
+    assert load_config(None, ["federation.batching=length-buckets", "privacy.mode=client", "privacy.epsilon=3",
+                              "federation.num_clients=20"]).federation.batching == "length-buckets"

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fedlora import lora
-from fedlora.client import ClientTrainer, Downlink, EncodedData, Update, make_optimizer, shuffled_batches
+from fedlora.client import ClientTrainer, Downlink, EncodedData, Update, make_optimizer, round_batches
 from fedlora.models import to_device
 
 
@@ -105,9 +105,7 @@ class BatchedRound:
         jobs = []
         for cid, down, data in clients:
             rng = np.random.default_rng([cfg.seed, down.round, cid])  # the batches one-by-one training draws
-            jobs.append(_Job(cid, down, data, down.rank,
-                             shuffled_batches(len(data), cfg.federation.batch_size, cfg.federation.local_steps, rng),
-                             []))
+            jobs.append(_Job(cid, down, data, down.rank, round_batches(data, cfg, rng), []))
         roles = tr.strategy.roles(jobs[0].down.round)
         width = max(j.rank for j in jobs)
         adapter = host.ensure_rank(width)  # only for its module set and dtype: its weights are not touched

@@ -63,8 +63,14 @@ def collate(data: EncodedData, idx: np.ndarray, pad_id: int) -> dict[str, torch.
     }
 
 
-def shuffled_batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """`steps` batches from reshuffled passes over the client's data (no example twice in one pass)."""
+def shuffled_batches(n: int, batch_size: int, steps: int, rng: np.random.Generator,
+                     lengths: list[int] | None = None) -> list[np.ndarray]:
+    """`steps` batches from reshuffled passes over the client's data (no example twice in one pass).
+
+    With `lengths` (federation.batching = "length-buckets"), the round's examples are the same ones, regrouped:
+    sorted by length, cut into `steps` batches of similar lengths, and those batches taken in random order, so
+    a batch padded to its longest row wastes little. The regrouping draws from `rng` after the examples are
+    drawn, so which examples a round sees does not depend on it."""
     out: list[np.ndarray] = []
     order = np.empty(0, dtype=np.int64)
     while len(out) < steps:
@@ -72,7 +78,19 @@ def shuffled_batches(n: int, batch_size: int, steps: int, rng: np.random.Generat
             order = np.concatenate([order, rng.permutation(n)])
         out.append(order[:batch_size])
         order = order[batch_size:]
-    return out
+    if lengths is None:
+        return out
+    drawn = np.concatenate(out)
+    by_length = drawn[np.argsort([lengths[i] for i in drawn], kind="stable")]
+    cuts = np.cumsum([len(b) for b in out])[:-1]
+    grouped = np.split(by_length, cuts)
+    return [grouped[i] for i in rng.permutation(len(grouped))]
+
+
+def round_batches(data: EncodedData, cfg: ExperimentConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """A client's non-private batches for one round, as `federation.batching` asks."""
+    lengths = [len(x) for x in data.input_ids] if cfg.federation.batching == "length-buckets" else None
+    return shuffled_batches(len(data), cfg.federation.batch_size, cfg.federation.local_steps, rng, lengths)
 
 
 @dataclass
@@ -92,11 +110,10 @@ class TrainingSession:
 
 
 @contextmanager
-def plain_session(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int, cfg: ExperimentConfig,
-                  rng: np.random.Generator) -> Iterator[TrainingSession]:
+def plain_session(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: EncodedData,
+                  cfg: ExperimentConfig, rng: np.random.Generator) -> Iterator[TrainingSession]:
     """Non-private training: reshuffled passes over the client's data."""
-    yield TrainingSession(model, optimizer, shuffled_batches(n, cfg.federation.batch_size,
-                                                             cfg.federation.local_steps, rng))
+    yield TrainingSession(model, optimizer, round_batches(data, cfg, rng))
 
 
 @dataclass
@@ -242,7 +259,7 @@ class ClientTrainer:
         # The one local training loop, whatever the privacy mode: the session decides the batches, the module
         # that runs them and the optimizer (DP-SGD: Poisson batches, Opacus' per-example clipping and noise).
         opened = dp.session(cfg, model, optimizer, len(data), rng, down.round, client_id) if dp is not None \
-            else plain_session(model, optimizer, len(data), cfg, rng)
+            else plain_session(model, optimizer, data, cfg, rng)
         with opened as session:
             for idx in session.batches:
                 if len(idx) == 0:

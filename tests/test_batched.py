@@ -160,3 +160,22 @@ def test_length_buckets_are_refused_under_dp_sgd_in_one_line():
         load_config(None, ["federation.batching=length-buckets", "privacy.mode=sample", "privacy.epsilon=3"])
     assert load_config(None, ["federation.batching=length-buckets", "privacy.mode=client", "privacy.epsilon=3",
                               "federation.num_clients=20"]).federation.batching == "length-buckets"
+
+
+@pytest.mark.parametrize("mode, expected", [("auto", True), ("true", True), ("false", False)])
+def test_the_local_engine_batches_as_federation_batched_clients_says(mode, expected, monkeypatch):
+    """The config key parses from the command line (true/false are booleans, "auto" text) and decides the path."""
+    from types import SimpleNamespace
+
+    from fedlora.engines.local import LocalTransport
+    from fedlora.progress import RunProgress
+
+    tiny_double_model(monkeypatch)
+    cfg = load_config(None, [*TINY, f"federation.batched_clients={mode}"])
+    host = ModelHost(cfg, 2, set(cfg.client_ranks()))
+    transport = LocalTransport.__new__(LocalTransport)  # only what `_batched` reads
+    transport.trainer = ClientTrainer(cfg, host, build_strategy(cfg, lora.module_dims(host.model)))
+    transport.client_privacy, transport._said_why = {}, False
+    run = SimpleNamespace(cfg=cfg, server=SimpleNamespace(round=0), progress=RunProgress(enabled=False))
+    assert transport._batched(run, [0, 1, 2]) is expected
+    assert transport._batched(run, [0]) is False  # one client: nothing to batch

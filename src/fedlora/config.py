@@ -9,7 +9,7 @@ import math
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -34,8 +34,10 @@ class _Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, v, info):
-        # Lax mode reads `rounds = true` (or `ranks = [true]`) as 1: a boolean is only a value for a boolean key.
-        if cls.model_fields[info.field_name].annotation is not bool and _has_bool(v):
+        # Lax mode reads `rounds = true` (or `ranks = [true]`) as 1: a boolean is only a value for a key that
+        # takes one (bool, or a union with bool such as batched_clients).
+        annotation = cls.model_fields[info.field_name].annotation
+        if annotation is not bool and bool not in get_args(annotation) and _has_bool(v):
             raise ValueError("got a boolean where a number or text is expected")
         return v
 

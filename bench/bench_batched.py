@@ -32,11 +32,12 @@ def main(argv: list[str]) -> int:
 
     from fedlora import lora
     from fedlora.batched import BatchedRound, why_not_batched
-    from fedlora.client import ClientTrainer, collate, evaluate_classifier
+    from fedlora.client import ClientTrainer, collate
+    from fedlora.tasks.classification import evaluate_classifier
     from fedlora.config import load_config
     from fedlora.experiment import prepare_data
     from fedlora.federated_run import build_strategy
-    from fedlora.models import ModelHost, load_tokenizer, model_device, to_device
+    from fedlora.host import ModelHost, load_tokenizer, model_device, to_device
     from fedlora.server import Server
 
     widest = max(args.clients)

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedlora.experiment import prepare_data
     from fedlora.federated_run import build_strategy
     from fedlora.lora import module_dims
-    from fedlora.models import ModelHost, load_tokenizer, resolve_model_path
+    from fedlora.host import ModelHost, load_tokenizer, resolve_model_path
     from fedlora.server import Server
 
     cfg = load_config("configs/llm.toml", [f"federation.local_steps={args.steps}", f"federation.batch_size={args.batch}",

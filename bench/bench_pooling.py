@@ -22,7 +22,8 @@ import torch
 from fedlora.client import collate
 from fedlora.config import load_config
 from fedlora.experiment import prepare_data
-from fedlora.models import ModelHost, load_base_model, load_tokenizer, masked_mean
+from fedlora.host import ModelHost, load_base_model, load_tokenizer
+from fedlora.models import masked_mean
 from fedlora.privacy import calibrate_noise_multiplier
 
 

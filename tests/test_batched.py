@@ -13,7 +13,7 @@ from fedlora.batched import BatchedRound, why_not_batched
 from fedlora.client import ClientTrainer, EncodedData, shuffled_batches
 from fedlora.config import load_config
 from fedlora.federated_run import build_strategy
-from fedlora.models import ModelHost
+from fedlora.host import ModelHost
 from fedlora.server import Server
 
 

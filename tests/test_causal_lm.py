@@ -33,7 +33,7 @@ def test_answers_are_compared_normalised():
 @pytest.fixture(scope="module")
 def llm():
     from fedlora.experiment import prepare_data
-    from fedlora.models import ModelHost, load_tokenizer
+    from fedlora.host import ModelHost, load_tokenizer
 
     cfg = load_config(None, TINY)
     tokenizer = load_tokenizer(cfg.model.name)
@@ -202,7 +202,7 @@ def test_a_bfloat16_base_with_gradient_checkpointing_trains_float32_lora(tmp_pat
                          out=tmp_path / "bf16")
     row = result.metrics[-1]
     assert np.isfinite(row["train_loss"]) and np.isfinite(row["eval_loss"]) and row["bytes_up"] > 0
-    from fedlora.models import ModelHost
+    from fedlora.host import ModelHost
 
     host = ModelHost(load_config(None, TINY + ["model.dtype=bfloat16"]), 2, {8})
     dtypes = {p.dtype for n, p in host.model.named_parameters() if "lora_" in n}

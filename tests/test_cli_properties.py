@@ -115,10 +115,12 @@ def valid_overrides(draw) -> tuple[list[str], dict]:
         chosen["federation.ranks"] = draw(st.lists(st.integers(1, 64), min_size=1, max_size=5))
         chosen["strategy.name"] = draw(st.sampled_from(MIXED))
     if draw(st.booleans()):
-        modes = ["sample", "client"] if get_strategy(chosen.get("strategy.name", "ffa")).sample_dp_refusal is None \
-            else ["client"]
-        chosen["privacy.mode"] = draw(st.sampled_from(modes))
-        chosen["privacy.epsilon"] = draw(st.floats(0.01, 100.0))
+        strategy = get_strategy(chosen.get("strategy.name", "ffa"))
+        # client-level DP releases one noisy sum: only methods whose aggregate is a sum take it (fedlora.compat)
+        modes = ([] if strategy.sample_dp_refusal else ["sample"]) + (["client"] if strategy.linear else [])
+        if modes:
+            chosen["privacy.mode"] = draw(st.sampled_from(modes))
+            chosen["privacy.epsilon"] = draw(st.floats(0.01, 100.0))
     return [f"{k}={toml_value(v)}" for k, v in chosen.items()], chosen
 
 

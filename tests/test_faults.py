@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from fedlora.engines import execute
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.cli import main
 from fedlora.client import Update
@@ -47,7 +48,7 @@ def local_run(tmp_path, *overrides: str) -> Run:
 def test_dropout_run_completes_and_charges_epsilon_only_to_clients_that_trained(tmp_path):
     run = local_run(tmp_path, "federation.num_clients=5", "federation.rounds=3", "federation.dropout=0.3",
                     "privacy.mode=sample", "privacy.epsilon=3")
-    summary = run.run()
+    summary = execute(run)
     rows = read_metrics(tmp_path)
     assert [r["round"] for r in rows] == [1, 2, 3] and summary["rounds"] == 3
     trained_rounds = {c: 0 for c in range(5)}
@@ -79,7 +80,7 @@ def test_dropout_below_min_clients_stops_with_one_line_naming_the_dropped(tmp_pa
     run.server.draw_dropouts = lambda sampled: {1}  # deterministic: client 1 fails in round 1
     save_checkpoint(tmp_path / "checkpoint", {"server": {"round": 5}})  # left by another run in this folder
     with pytest.raises(RoundFailed) as err:
-        run.run()
+        execute(run)
     msg = str(err.value)
     assert "\n" not in msg and "only 2 valid updates" in msg and "min_clients=3" in msg
     assert "client 1: dropped out" in msg
@@ -168,7 +169,7 @@ def test_bad_updates_are_rejected_with_their_reason_and_the_run_completes(tmp_pa
     }
     corrupt(monkeypatch, plan)
     with pytest.raises(RoundFailed, match=r"round 3: only 0 valid updates"):
-        run.run()  # round 3 corrupts all three clients: min_clients=1 cannot be met
+        execute(run)  # round 3 corrupts all three clients: min_clients=1 cannot be met
     rows = read_metrics(tmp_path)
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
@@ -187,7 +188,7 @@ def test_bad_updates_are_rejected_with_their_reason_and_the_run_completes(tmp_pa
     plan3 = {(3, 1): rank_above}
     corrupt(monkeypatch, plan3)
     resumed = Run.resume(tmp_path, RunProgress(enabled=False), cfg=run.cfg)
-    resumed.run()
+    execute(resumed)
     rows = read_metrics(tmp_path)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert set(rows[-1]["rejected"]) == {"1"} and REASONS[rank_above] in rows[-1]["rejected"]["1"]
@@ -223,7 +224,7 @@ def test_sample_dp_run_logs_epsilon_an_independent_accountant_reproduces(tmp_pat
     run = local_run(tmp_path, "federation.num_clients=3", "federation.rounds=3", "privacy.mode=sample",
                     "privacy.epsilon=3", "privacy.batch_size=12", "privacy.local_steps=1",
                     f"privacy.clipping={clipping}")
-    summary = run.run()
+    summary = execute(run)
     rows = read_metrics(tmp_path)
     assert len(rows) == 3
     for r in rows:

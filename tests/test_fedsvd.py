@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedlora.engines import execute
 from fedlora.strategies import LoraFactors, get_strategy
 from fedlora.strategies.fedsvd import svd_refactor
 from test_flower_loop import _task_identity  # noqa: F401  (autouse: Flower messages need a sender identity)
@@ -88,7 +89,7 @@ def test_the_refactored_A_travels_down_over_flower_as_in_process(tmp_path, one_t
                              "federation.local_steps=3", "federation.batch_size=16", "federation.partition=iid",
                              "data.max_length=32", "data.max_eval_examples=200", "output.progress=false",
                              "output.save_adapter=false"])
-    Run(cfg, make_run_dir(cfg, str(tmp_path / "local"))).run()
+    execute(Run(cfg, make_run_dir(cfg, str(tmp_path / "local"))))
     run_on_grid(Run(cfg, make_run_dir(cfg, str(tmp_path / "flower"))), InProcessGrid(make_client_app(), _nodes(2)),
                 FlowerOptions(node_wait_s=0.0))
     local, flower = read_metrics(tmp_path / "local"), read_metrics(tmp_path / "flower")

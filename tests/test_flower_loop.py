@@ -11,6 +11,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedlora.engines import execute
 from fedlora.config import load_config
 from fedlora.engines.flower import FlowerOptions, run_deployment
 from fedlora.engines.flower_client import make_client_app
@@ -92,7 +93,7 @@ def _flower_run(cfg, run_dir, grid, options=None) -> list[dict]:
 
 def test_flora_base_deltas_reach_clients_and_match_the_local_engine(tmp_path):
     cfg = load_config(None, TINY + ["federation.num_clients=2", "federation.ranks=[2, 4]", "strategy.name=flora"])
-    Run(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET).run()
+    execute(Run(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET))
     grid = InProcessGrid(make_client_app(), _nodes(2))
     rows = _flower_run(cfg, tmp_path / "flower", grid, FlowerOptions(node_wait_s=0.0, federated_eval=True))
     local = read_metrics(tmp_path / "local")

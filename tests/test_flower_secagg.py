@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flower_procs import TAG_VAR, ProcessTag
 
+from fedlora.engines import execute
 from fedlora.config import load_config
 from fedlora.engines.flower import FlowerSimEngine
 from fedlora.experiment import make_run_dir
@@ -47,7 +48,7 @@ def drop_one_in_round_2_and_two_in_round_3(rnd: int, client: int) -> None:
 def _run(tmp_path, name: str, extra: list[str], fault=None):
     cfg = load_config(None, TINY + extra)
     run = Run(cfg, make_run_dir(cfg, str(tmp_path / name)), QUIET)
-    summary = FlowerSimEngine(run, fault=fault).execute() if cfg.engine == "flower-sim" else run.run()
+    summary = FlowerSimEngine(run, fault=fault).execute() if cfg.engine == "flower-sim" else execute(run)
     return run, summary, read_metrics(tmp_path / name)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from flower_procs import TAG_VAR, ProcessTag
 
+from fedlora.engines import execute
 from fedlora.config import load_config
 from fedlora.engines.flower import FlowerSimEngine
 from fedlora.federated_run import Run
@@ -45,9 +46,9 @@ def raise_in_round_2_on_client_1(rnd: int, client: int) -> None:
 
 def test_local_and_flower_sim_give_the_same_rounds(tmp_path):
     cfg = load_config(None, TINY + ["federation.num_clients=2"])
-    local_sum = Run(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET).run()
+    local_sum = execute(Run(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET))
     sim_cfg = load_config(None, TINY + ["federation.num_clients=2", "engine=flower-sim"])
-    sim_sum = Run(sim_cfg, make_run_dir(sim_cfg, str(tmp_path / "sim")), QUIET).run()
+    sim_sum = execute(Run(sim_cfg, make_run_dir(sim_cfg, str(tmp_path / "sim")), QUIET))
     local, sim = read_metrics(tmp_path / "local"), read_metrics(tmp_path / "sim")
     assert len(local) == len(sim) == 2
     assert abs(local_sum["accuracy_before"] - sim_sum["accuracy_before"]) <= 1e-3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedlora.engines import execute, make_engine
 from fedlora.client import Downlink, Update
 from fedlora.config import load_config
 from fedlora.federated_run import build_strategy
@@ -155,8 +156,9 @@ def test_fedsa_client_gets_its_own_B_back_under_the_new_A(tmp_path, one_torch_th
                              "federation.local_steps=2", "federation.batch_size=8", "data.max_length=32",
                              "data.max_eval_examples=50", "output.progress=false", "output.save_adapter=false"])
     run = Run(cfg, tmp_path / "run")
-    run.run()
-    transport = run.engine.transport
+    engine = make_engine(run)
+    engine.execute()
+    transport = engine.transport
     assert isinstance(transport, LocalTransport) and isinstance(transport.trainer.store, ClientStateStore)
     kept = [transport.trainer.store.load(c, before_round=2) for c in range(2)]
     key = next(k for k in kept[0] if k.endswith(".B"))
@@ -212,7 +214,7 @@ def test_flower_carries_each_rounds_parts_as_in_process(method, tmp_path, one_to
                              "federation.local_steps=2", "federation.batch_size=8", "federation.partition=iid",
                              "data.max_length=32", "data.max_eval_examples=100", "output.progress=false",
                              "output.save_adapter=false"])
-    Run(cfg, make_run_dir(cfg, str(tmp_path / "local"))).run()
+    execute(Run(cfg, make_run_dir(cfg, str(tmp_path / "local"))))
     run_on_grid(Run(cfg, make_run_dir(cfg, str(tmp_path / "flower"))), InProcessGrid(make_client_app(), _nodes(2)),
                 FlowerOptions(node_wait_s=0.0))
     local, flower = read_metrics(tmp_path / "local"), read_metrics(tmp_path / "flower")

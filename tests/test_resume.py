@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedlora.engines import execute
 from fedlora import checkpoint
 from fedlora.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fedlora.config import load_config
@@ -174,7 +175,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(case, tmp_path):
         (cut / "checkpoint").mkdir(parents=True)
         for name in ("config.toml", "metrics.jsonl", f"checkpoint/{CHECKPOINT_FILE}"):
             (cut / name).write_bytes((reference / name).read_bytes())
-        Run.resume(cut, RunProgress(enabled=False)).run()
+        execute(Run.resume(cut, RunProgress(enabled=False)))
         assert_same_run(cut, reference, rounds, "resumed from the final checkpoint")
 
 

@@ -15,7 +15,7 @@ from fedlora.config import load_config
 from fedlora.federated_run import build_strategy
 from fedlora.experiment import prepare_data
 from fedlora.metrics import read_metrics
-from fedlora.models import ModelHost, load_tokenizer
+from fedlora.host import ModelHost, load_tokenizer
 from fedlora.runner import run_experiment
 from fedlora.server import Server
 
@@ -76,7 +76,7 @@ def test_ffa_uploads_exactly_half_of_fedit_plus_head(tiny_run):
 def test_adapter_reload_reproduces_final_accuracy(tiny_run):
     from peft import PeftModel
 
-    from fedlora.models import load_base_model, load_exported_model
+    from fedlora.host import load_base_model, load_exported_model
 
     cfg, run_dir = tiny_run
     data = prepare_data(cfg, load_tokenizer(cfg.model.name))
@@ -134,7 +134,7 @@ def test_ffa_freezes_A_bit_identical_across_clients():
 
 def test_frozen_head_is_never_trained_or_sent_and_reloads(tmp_path):
     """lora.train_head=false: only LoRA learns, no head bytes on the wire, the export rebuilds the seeded head."""
-    from fedlora.models import load_base_model, load_exported_model
+    from fedlora.host import load_base_model, load_exported_model
 
     cfg = load_config(None, TINY + ["lora.train_head=false", "seed=7"])
     run_dir = run_experiment(cfg, out=tmp_path / "frozen", quiet=True)

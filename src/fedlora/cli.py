@@ -117,7 +117,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from fedlora.tasks.causal_lm import generate_from_run
+    from fedlora.generate import generate_from_run
 
     print(generate_from_run(Path(args.run_dir), args.prompt, args.max_new_tokens))
     return 0

@@ -16,51 +16,12 @@ import torch
 from fedlora import lora
 from fedlora.client_state import ClientStateStore
 from fedlora.config import ExperimentConfig
-from fedlora.models import ModelHost, model_device, to_device
+from fedlora.devices import model_device, to_device
+from fedlora.encoding import EncodedData, collate, encode  # noqa: F401  (re-exported)
+from fedlora.host import ModelHost
+from fedlora.lora import fresh_factors  # noqa: F401  (re-exported)
+from fedlora.protocol import Downlink, Update  # noqa: F401  (re-exported)
 from fedlora.strategies import LoraFactors, Strategy
-
-
-@dataclass
-class EncodedData:
-    """Token ids per example (unpadded) and labels; batches are padded to their longest example.
-
-    Causal LM: `prompt_len[i]` tokens of example i are the prompt (no loss there), the rest its response;
-    `answers[i]` is the response text generation is scored against; `labels` are answer classes (partitions)."""
-
-    input_ids: list[np.ndarray]
-    labels: np.ndarray
-    prompt_len: np.ndarray | None = None
-    answers: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, idx: np.ndarray) -> "EncodedData":
-        idx = np.asarray(idx, dtype=np.int64)
-        return EncodedData([self.input_ids[i] for i in idx], self.labels[idx],
-                           None if self.prompt_len is None else self.prompt_len[idx],
-                           None if self.answers is None else [self.answers[i] for i in idx])
-
-
-def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> EncodedData:
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    return EncodedData([np.asarray(x, dtype=np.int64) for x in enc["input_ids"]], np.asarray(labels, np.int64))
-
-
-def collate(data: EncodedData, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the batch's longest sequence. Written by hand: it is on the hot path and tokenizer.pad is slower."""
-    seqs = [data.input_ids[i] for i in idx]
-    width = max((len(s) for s in seqs), default=1)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = s
-        mask[row, : len(s)] = 1
-    return {
-        "input_ids": torch.from_numpy(ids),
-        "attention_mask": torch.from_numpy(mask),
-        "labels": torch.from_numpy(data.labels[idx]),
-    }
 
 
 def shuffled_batches(n: int, batch_size: int, steps: int, rng: np.random.Generator,
@@ -116,33 +77,6 @@ def plain_session(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data
     yield TrainingSession(model, optimizer, round_batches(data, cfg, rng))
 
 
-@dataclass
-class Downlink:
-    """What the server sends a client for one round."""
-
-    rank: int
-    factors: dict[str, LoraFactors]  # empty: start from a fresh LoRA (FLoRA)
-    head: dict[str, np.ndarray]
-    round: int
-
-
-@dataclass
-class Update:
-    """What a client returns: its trained factors and head plus the facts the server logs."""
-
-    client_id: int
-    rank: int
-    factors: dict[str, LoraFactors]
-    head: dict[str, np.ndarray]
-    num_examples: int
-    train_loss: float
-    steps: int
-    samples: int
-    train_s: float
-    next_rank: int | None = None  # HetLoRA self-pruning: the rank this client uses from the next round
-    privacy: dict = field(default_factory=dict)  # the client's accountant state and epsilon (sample-level DP)
-
-
 def make_optimizer(
     cfg: ExperimentConfig, params: list[torch.nn.Parameter], head: list[torch.nn.Parameter] = ()
 ) -> torch.optim.Optimizer:
@@ -156,12 +90,6 @@ def make_optimizer(
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
     return torch.optim.AdamW(groups, lr=opt.lr, weight_decay=opt.weight_decay)
-
-
-def fresh_factors(cfg: ExperimentConfig, dims, rank: int, round_idx: int, client_id: int) -> dict[str, LoraFactors]:
-    """A new LoRA for FLoRA: random A (own seed per round and client: stacking is exact anyway), B = 0."""
-    seed = cfg.seed + 7919 * (round_idx + 1) + 104729 * (client_id + 1)
-    return lora.initial_factors(seed, dims, rank, cfg.lora.scale(rank))
 
 
 class ClientTrainer:
@@ -310,19 +238,3 @@ def evaluate(host: ModelHost, adapter: str, data: EncodedData, batch_size: int) 
     """(mean loss, score) of the host's model with `adapter` active on `data`, as the run's task scores it."""
     host.model.set_adapter(adapter)
     return host.task.evaluate(host.model, data, batch_size, host.tokenizer.pad_token_id or 0)
-
-
-@torch.inference_mode()
-def evaluate_classifier(model: torch.nn.Module, data: EncodedData, batch_size: int, pad_id: int) -> tuple[float, float]:
-    """Mean loss and accuracy of a classifier on `data` (sorted by length so batches pad little)."""
-    order = np.argsort([len(x) for x in data.input_ids], kind="stable")
-    total_loss, correct = 0.0, 0
-    device = model_device(model)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        batch = to_device(collate(data, idx, pad_id), device)
-        out = model(**batch)
-        total_loss += float(out.loss) * len(idx)
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-    n = max(len(order), 1)
-    return total_loss / n, correct / n

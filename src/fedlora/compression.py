@@ -219,7 +219,7 @@ def sent_reference(strategy, parts, factors, head, scale: float) -> dict[str, np
     """The float32 tensors a client of LoRA scale `scale` starts from, in the names it sends (`dp.sent_tensors`):
     what the wire delivered to it, and what the server computes again from its own state."""
     from fedlora import lora
-    from fedlora.dp import sent_tensors
+    from fedlora.protocol import sent_tensors
 
     return {k: v.astype(np.float32) for k, v in
             sent_tensors(strategy, parts, lora.with_scale(factors, scale), head).items()}
@@ -235,7 +235,7 @@ def compress_update(cfg, strategy, update, start_factors, start_head, store, rou
     """Client side: (wire payload, bytes, bytes of the head) for `update`, trained from (`start_factors`,
     `start_head`). top-k reads its residual from `store` (a `ClientStateStore`) before `round_idx` and saves
     the new one at `round_idx` beside the client's other state for that round."""
-    from fedlora.dp import sent_tensors
+    from fedlora.protocol import sent_tensors
 
     spec = CompressionSpec.from_config(cfg)
     parts = strategy.roles(round_idx).up
@@ -256,7 +256,7 @@ def compress_update(cfg, strategy, update, start_factors, start_head, store, rou
 def decompress_update(server, client_id: int, payload: Mapping[str, np.ndarray]):
     """Server side: (factors, head) of client `client_id` from its payload, against the server's own copy of
     what it sent the client. Raises ValueError (one line) on a payload that does not fit."""
-    from fedlora.dp import from_sent
+    from fedlora.protocol import from_sent
 
     spec = CompressionSpec.from_config(server.cfg)
     parts = server.up_parts()
@@ -271,6 +271,6 @@ def decompress_update(server, client_id: int, payload: Mapping[str, np.ndarray])
 
 def start_factors(trainer, down, client_id: int):
     """The factors a client's training started from: the downlink's, or FLoRA's fresh seed-derived ones."""
-    from fedlora.client import fresh_factors
+    from fedlora.lora import fresh_factors
 
     return down.factors or fresh_factors(trainer.cfg, trainer.dims, down.rank, down.round, client_id)

@@ -13,3 +13,10 @@ class ConfigError(UserError):
 
 class RoundFailed(UserError):
     """A round that cannot be aggregated (fewer than federation.min_clients valid updates)."""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """The last non-empty line of a message, cut to `limit` characters (for one-line reasons and errors)."""
+    lines = [x.strip() for x in str(text).strip().splitlines() if x.strip()]
+    line = lines[-1] if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -10,18 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from fedlora import lora
-from fedlora.client import EncodedData
+from fedlora.encoding import EncodedData, FederatedData  # noqa: F401  (re-exported)
 from fedlora.config import ExperimentConfig
 from fedlora.strategies import LoraFactors
-
-
-@dataclass
-class FederatedData:
-    clients: list[EncodedData]
-    test: EncodedData
-    label_names: list[str]
-    partition_stats: list[dict]
-    load_summary: str
 
 
 def prepare_data(cfg: ExperimentConfig, tokenizer) -> FederatedData:
@@ -68,7 +59,7 @@ def export_adapter(
     """
     from peft import get_peft_model
 
-    from fedlora.models import lora_config
+    from fedlora.host import lora_config
     from fedlora.tasks import get_task
 
     if base_delta:
@@ -117,7 +108,7 @@ def metrics_row(
     train_s = sum(u.train_s for u in updates)
     row = {
         "round": server.round,
-        "strategy": cfg.strategy.name,
+        "strategy": server.strategy.name or cfg.strategy.name,
         "clients": outcome.trained,
         "sampled": sampled,
         "dropped": sorted(dropped),
@@ -135,7 +126,7 @@ def metrics_row(
         "samples_per_s": samples / train_s if train_s > 0 else None,
         "wall_s": wall_s,
     }
-    row.update(server.mechanism.metrics(server))
+    row.update(server.mechanism.metrics(server.privacy))
     return row
 
 
@@ -146,7 +137,7 @@ def run_summary(cfg: ExperimentConfig, server, rows: list[dict], before: tuple[f
     samples = sum(r.get("samples", 0) for r in rows)
     train_s = sum(r.get("train_s", 0.0) for r in rows)
     summary = {
-        "strategy": cfg.strategy.name,
+        "strategy": server.strategy.name or cfg.strategy.name,
         "engine": cfg.engine,
         "rounds": server.round,
         "accuracy_before": acc0,

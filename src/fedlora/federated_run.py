@@ -6,7 +6,7 @@ each one its downlink and brings back their updates (in this process, or over Fl
 no aggregation and no loop of their own.
 
     run = Run(cfg, run_dir)            # or Run.resume(run_dir)
-    summary = run.run()                # the engine named by cfg.engine
+    summary = fedlora.engines.execute(run)   # the engine named by cfg.engine
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fedlora import lora
 from fedlora.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from fedlora.client import Update
 from fedlora.client_state import CLIENT_STATE_DIR
-from fedlora.config import ExperimentConfig, RoundFailed
+from fedlora.config import ExperimentConfig, RoundFailed, checked
 from fedlora.experiment import (
     FederatedData,
     evaluate_global,
@@ -37,7 +37,7 @@ from fedlora.experiment import (
     run_summary,
 )
 from fedlora.metrics import MetricsWriter, read_metrics, write_summary
-from fedlora.models import ModelHost, adapter_name, load_tokenizer
+from fedlora.host import ModelHost, adapter_name, load_tokenizer
 from fedlora.progress import RunProgress
 from fedlora.server import Server
 from fedlora.strategies import Strategy, get_strategy
@@ -101,7 +101,8 @@ def build_strategy(cfg: ExperimentConfig, dims: dict[str, tuple[int, int]]) -> S
 
 
 class Run:
-    """One experiment: setup once, then `run()` executes every remaining round and writes the run folder.
+    """One experiment: setup once, then an engine (`fedlora.engines.execute(run)`) runs every remaining round
+    through `loop` and writes the run folder.
 
     `strategy` replaces the configured method by an instance (its class needs no registration); `data`
     replaces the configured dataset by a ready `FederatedData`; `callbacks` are called with every metrics row.
@@ -110,7 +111,7 @@ class Run:
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, progress: RunProgress | None = None, *,
                  strategy: Strategy | None = None, data: FederatedData | None = None,
                  callbacks: Iterable[Callback] = ()):
-        self.cfg = cfg
+        cfg = self.cfg = checked(cfg, strategy)  # one validation of (config, strategy) for every entry point
         self.run_dir = Path(run_dir)
         self.progress = progress or RunProgress(enabled=False)
         self.callbacks = list(callbacks)
@@ -129,17 +130,6 @@ class Run:
                              [len(c) for c in self.data.clients])
         self.before: tuple[float, float] | None = None  # (loss, accuracy) of the global model before round 1
         self._resume_state: dict | None = None
-        self._engine = None
-
-    @property
-    def engine(self):
-        """The engine named by cfg.engine, built on first use (a ServerApp drives the loop itself and never
-        builds one: no in-process clients, no per-client DP calibration there)."""
-        if self._engine is None:
-            from fedlora.engines import make_engine
-
-            self._engine = make_engine(self.cfg.engine, self)
-        return self._engine
 
     @classmethod
     def resume(cls, run_dir: str | Path, progress: RunProgress | None = None, cfg: ExperimentConfig | None = None,
@@ -163,10 +153,6 @@ class Run:
         return run
 
     # -- the run ---------------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        """Every remaining round on the configured engine; returns the summary (also in summary.json)."""
-        return self.engine.execute()
-
     def evaluate_global(self) -> tuple[float, float]:
         return evaluate_global(self.cfg, self.host, self.server, self.data.test)
 
@@ -196,18 +182,16 @@ class Run:
             dropped.update(replies.dropped)
             # Aggregate in client order whatever the arrival order: float sums then agree across engines.
             updates = sorted(replies.updates, key=lambda u: u.client_id)
+            if replies.summed is not None:
+                updates = sorted(replies.summed.members, key=lambda u: u.client_id)
             try:
-                if replies.failed is not None:
-                    outcome = server.skip_round(sampled)
-                    self.progress.note(f"round {server.round}: no aggregate: {replies.failed}")
-                elif replies.summed is not None:
-                    outcome = server.finish_summed_round(replies.summed, sampled)
-                    updates = sorted(replies.summed.members, key=lambda u: u.client_id)
-                else:
-                    outcome = server.finish_round(updates, sampled, cfg.federation.max_update_norm)
+                outcome = server.finish_round(updates if replies.summed is None else [], sampled,
+                                              summed=replies.summed, failed=replies.failed)
             except RoundFailed as exc:  # name the clients that never sent anything too
                 why = "; ".join(f"client {c}: {r}" for c, r in sorted(dropped.items()))
                 raise RoundFailed(f"{exc}" + (f" (no update: {why})" if why else "")) from None
+            if replies.failed is not None:
+                self.progress.note(f"round {server.round}: no aggregate: {replies.failed}")
             if outcome.base_delta:
                 lora.merge_base_delta(self.host.model, outcome.base_delta)
                 transport.merged(self, outcome.base_delta)

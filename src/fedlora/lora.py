@@ -189,3 +189,9 @@ def with_scale(factors: dict[str, LoraFactors], scale: float) -> dict[str, LoraF
         n: f if f.scale == scale else LoraFactors(A=f.A, B=f.B * (f.scale / scale), scale=scale)
         for n, f in factors.items()
     }
+
+
+def fresh_factors(cfg, dims, rank: int, round_idx: int, client_id: int) -> dict[str, LoraFactors]:
+    """A new LoRA for FLoRA: random A (own seed per round and client: stacking is exact anyway), B = 0."""
+    seed = cfg.seed + 7919 * (round_idx + 1) + 104729 * (client_id + 1)
+    return initial_factors(seed, dims, rank, cfg.lora.scale(rank))

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from fedlora.errors import UserError
 from fedlora.config import ExperimentConfig
+from fedlora.engines import execute
+from fedlora.errors import UserError
 from fedlora.experiment import make_run_dir
 from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress, summary_table
@@ -30,7 +31,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, quiet: 
     progress = RunProgress(enabled=cfg.output.progress and not quiet)
     progress.note(f"run folder: {run_dir}")
     run = Run(cfg, run_dir, progress, strategy=strategy, data=data, callbacks=callbacks)
-    return _finish(run_dir, run.run(), progress)
+    return _finish(run_dir, execute(run), progress)
 
 
 def resume_experiment(run_dir: Path, quiet: bool = False, callbacks: Iterable = ()) -> Path:
@@ -42,4 +43,4 @@ def resume_experiment(run_dir: Path, quiet: bool = False, callbacks: Iterable = 
     cfg = load_config(run_dir / "config.toml")
     progress = RunProgress(enabled=cfg.output.progress and not quiet)
     run = Run.resume(run_dir, progress, callbacks=callbacks)
-    return _finish(run_dir, run.run(), progress)
+    return _finish(run_dir, execute(run), progress)

@@ -31,9 +31,10 @@ integer field, so federation.compression must be none.
 
 DP. With privacy.mode=sample each client's upload is already (epsilon, delta)-DP towards everyone, the server
 included; SecAgg adds that the server sees only the sum. With privacy.mode=client (DP-FedAvg) each client clips
-its own change (in the aggregate's coordinates, to privacy.clip) before it enters the sum, weights are uniform,
-and the server adds N(0, sigma^2 S^2) once to the unmasked sum of clipped changes and divides by the expected
-number of clients, exactly as without SecAgg (`dp.ClientLevelDP`). The client-level (epsilon, delta) guarantee then
+its own change in client-level DP's fixed coordinates (the federation's widest rank, c_k against it, to
+privacy.clip) before it enters the sum, weights are uniform, and the server's client-DP stage
+(`fedlora.round.client_dp`, the same code as without SecAgg) adds N(0, sigma^2 S^2) once to every coordinate of
+the sum and divides by the fixed expected number of clients. The client-level (epsilon, delta) guarantee then
 holds for everything the server releases (downlinks, the model), against other clients and anyone downstream;
 the server itself sees the sum of the clipped changes before its noise, never an individual update, so towards
 the server the protection is SecAgg's (one sum over the round's clients), not DP. Noise that even the server
@@ -50,9 +51,16 @@ Flower's `dequantize` and the offset, so runs with and without SecAgg can be com
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from fedlora.protocol import (
+    SummedRound, Update, contribution, contribution_coef, fixed_change, from_sent, pad_to, slot_axes,
+)
+from fedlora.strategies import LoraFactors
+from fedlora.strategies.base import part_shape
+from fedlora.strategies.common import at_scale
 
 MODULUS = 2**32  # SecAgg+'s mask modulus (Flower's default and maximum)
 
@@ -68,7 +76,7 @@ _WHY = {
 
 def config_refusal(cfg, strategy) -> str | None:
     """Why this config cannot run with privacy.secure_aggregation (one line), or None."""
-    name = cfg.strategy.name
+    name = strategy.name or cfg.strategy.name
     summable = getattr(strategy, "secure_sum", None)
     if summable is None:
         summable = strategy.linear
@@ -103,21 +111,24 @@ class Plan:
 
 
 def plan(server, clients: list[int]) -> Plan:
+    """The round's parameters. Under client-level DP they are the fixed coordinates of
+    `fedlora.round.client_dp` (the federation's widest rank, c_k against it, uniform weights, each change
+    clipped on its client): nothing in them depends on who was sampled."""
     cfg = server.cfg
     ranks = [server.expected_rank(c) for c in clients]
-    coefs = server.strategy.contribution_scales(ranks, [cfg.lora.scale(r) for r in ranks])
-    dp = cfg.privacy.mode == "client"  # DP-FedAvg: uniform weights, each change clipped on its client
-    return Plan(width=max(ranks), coefs={c: float(f) for c, f in zip(clients, coefs)},
-                max_weight=1.0 if dp else float(max(server.client_sizes)), clip=cfg.privacy.secagg_clip,
-                bits=cfg.privacy.secagg_bits, dp_clip=cfg.privacy.clip if dp else None)
+    if cfg.privacy.mode == "client":
+        coefs = {c: contribution_coef(server.strategy, cfg.lora.scale, r, server.r_max) for c, r in zip(clients, ranks)}
+        return Plan(width=server.r_max, coefs=coefs, max_weight=1.0, clip=cfg.privacy.secagg_clip,
+                    bits=cfg.privacy.secagg_bits, dp_clip=cfg.privacy.clip)
+    scales = server.strategy.contribution_scales(ranks, [cfg.lora.scale(r) for r in ranks])
+    return Plan(width=max(ranks), coefs={c: float(f) for c, f in zip(clients, scales)},
+                max_weight=float(max(server.client_sizes)), clip=cfg.privacy.secagg_clip, bits=cfg.privacy.secagg_bits)
 
 
 def layout(parts, dims: dict[str, tuple[int, int]], head: dict[str, tuple[int, ...]],
            width: int) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of the summed vector's arrays, in order: every sent part of every module at `width`, then
     the head. Client and server derive it from the same config."""
-    from fedlora.strategies.base import part_shape
-
     out = [(f"{m}.{p}", part_shape(p, width, d_out, d_in)) for m, (d_out, d_in) in sorted(dims.items())
            for p in parts]
     return out + [(f"head.{k}", tuple(shape)) for k, shape in sorted(head.items())]
@@ -127,84 +138,36 @@ def server_layout(server, width: int) -> list[tuple[str, tuple[int, ...]]]:
     return layout(server.up_parts(), server.dims, {k: h.shape for k, h in server.head.items()}, width)
 
 
-def _pad(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    out = np.zeros(shape, np.float64)
-    out[tuple(slice(0, s) for s in x.shape)] = x
-    return out
-
-
-def contributions(strategy, parts, factors, head, coef: float) -> dict[str, np.ndarray]:
-    """The sent tensors in the aggregate's coordinates: B times the client's c_k, A, R and the head as sent."""
-    from fedlora.dp import sent_tensors
-
-    return {n: a * (coef if n.endswith(".B") and not n.startswith("head.") else 1.0)
-            for n, a in sent_tensors(strategy, parts, factors, head).items()}
-
-
 def summand(strategy, parts, update, names: list[tuple[str, tuple[int, ...]]], coef: float,
             start: tuple | None = None, dp_clip: float | None = None) -> list[np.ndarray]:
-    """Client side: the arrays a client adds to the secure sum, in `names` order: its sent parts padded to the
-    round's width (B times `coef`), then its head. With `dp_clip` (client-level DP) the change against `start`
-    (the factors and head the client started from) is clipped to L2 norm `dp_clip` first, in these coordinates,
-    as the server does without SecAgg (dp.ClientLevelDP)."""
-    now = contributions(strategy, parts, update.factors, update.head, coef)
+    """Client side: the arrays a client adds to the secure sum, in `names` order. Without client-level DP: its
+    sent parts padded to the round's width (B times `coef`), then its head. With `dp_clip` (client-level DP):
+    its change against `start` (the factors and head it started from) in the fixed coordinates, clipped to L2
+    norm `dp_clip` (what the server's client-DP stage does without SecAgg: `fedlora.round.client_dp`)."""
+    width = max((s[i] for n, s in names for i in slot_axes(n)), default=0)
+    if dp_clip is not None:
+        from fedlora.privacy.client_dp import clip_update  # here: importing fedlora.privacy loads Opacus and torch
+
+        now = fixed_change(strategy, parts, (update.factors, update.head), start, coef, width)
+        now, _ = clip_update(now, dp_clip)
+    else:
+        now = contribution(strategy, parts, update.factors, update.head, coef)
     if set(now) != {n for n, _ in names}:
         raise ValueError(f"secure aggregation: the update's tensors {sorted(now)[:2]} do not fit the round's layout")
-    if dp_clip is not None:
-        from fedlora.privacy.client_dp import clip_update
-
-        ref = contributions(strategy, parts, start[0], start[1], coef)
-        clipped, _ = clip_update({k: now[k] - ref[k] for k in now}, dp_clip)
-        now = {k: ref[k] + clipped[k] for k in now}
-    return [_pad(now[n], shape) for n, shape in names]
-
-
-def noised_mean(server, the_plan: Plan, arrays: list[np.ndarray], members: list) -> list[np.ndarray]:
-    """Client-level DP on the unmasked mean of clipped uploads (uniform weights): the sum of the clipped changes
-    gets N(0, sigma^2 S^2) once and is divided by the fixed expected number of clients (per slot for RBLA), as
-    `dp.ClientLevelDP` does for a plain round; returned as the mean the strategy then reads."""
-    from fedlora.privacy.client_dp import gaussian_noise
-
-    names = server_layout(server, the_plan.width)
-    n = len(members)
-    refs = {name: np.zeros(shape) for name, shape in names}
-    for u in members:  # what each member started from, in the same coordinates (the server's own state)
-        ref = contributions(server.strategy, server.up_parts(), server.sent_factors(u.client_id), server.head,
-                            the_plan.coefs[u.client_id])
-        for name, shape in names:
-            refs[name] += _pad(ref[name], shape)
-    changes = {name: n * np.asarray(a, np.float64) - refs[name] for (name, _), a in zip(names, arrays)}
-    mech = server.mechanism
-    rng = np.random.default_rng([server.cfg.seed, server.round + 1, 99])  # as dp.ClientLevelDP.prepare
-    noisy = gaussian_noise(changes, mech.sigma * the_plan.dp_clip, rng)
-    spread = mech._spread(server, members)  # D_j / m_j: the strategy's mean over D_j becomes the sum over m_j
-    return [(refs[name] + spread(name, shape) * noisy[name]) / n for name, shape in names]
-
-
-@dataclass
-class SummedRound:
-    """What the server receives under SecAgg: the weighted mean of the members' uploads (never one upload) and
-    each member's metadata (id, rank, weight, loss, privacy report; no factors)."""
-
-    mean: "object"  # fedlora.client.Update at the widest member's rank: the one update the strategy aggregates
-    members: list = field(default_factory=list)  # fedlora.client.Update with factors = {} and head = {}
-    extra: dict = field(default_factory=dict)
+    return [pad_to(now[n], shape) for n, shape in names]
 
 
 def mean_update(server, the_plan: Plan, arrays: list[np.ndarray], members: list):
     """Server side: the Update the strategy aggregates, from the unmasked weighted mean `arrays` (layout at
     `the_plan.width`) and the members whose uploads it sums."""
-    from fedlora import lora
-    from fedlora.client import Update
-    from fedlora.dp import from_sent
-    from fedlora.strategies import LoraFactors
-
     cfg = server.cfg
     names = server_layout(server, the_plan.width)
+    if isinstance(arrays, dict):
+        if set(arrays) != {n for n, _ in names}:
+            raise ValueError("secure aggregation: the unmasked sum does not have the round's layout")
+        arrays = [arrays[n] for n, _ in names]
     if len(arrays) != len(names) or any(np.shape(a) != s for a, (_, s) in zip(arrays, names)):
         raise ValueError("secure aggregation: the unmasked sum does not have the round's layout")
-    if the_plan.dp_clip is not None:
-        arrays = noised_mean(server, the_plan, arrays, members)
     mean = {n: np.asarray(a, np.float64) for (n, _), a in zip(names, arrays)}
     if not all(np.all(np.isfinite(a)) for a in mean.values()):
         raise ValueError("secure aggregation: the unmasked sum has non-finite values")
@@ -220,7 +183,7 @@ def mean_update(server, the_plan: Plan, arrays: list[np.ndarray], members: list)
         if n.startswith("head."):
             sent[n] = a
             continue
-        a = a[tuple(slice(0, width) if i in _rank_axes(n) else slice(None) for i in range(a.ndim))]
+        a = a[tuple(slice(0, width) if i in slot_axes(n) else slice(None) for i in range(a.ndim))]
         if server.strategy.per_slot_mean:
             a = a * (per_slot[None, :] if n.endswith(".B") else per_slot[:, None])
         sent[n] = a
@@ -231,17 +194,10 @@ def mean_update(server, the_plan: Plan, arrays: list[np.ndarray], members: list)
     ref = {m: LoraFactors(A=f.A, B=f.B, scale=s_mean) for m, f in server.sent_factors(widest.client_id).items()}
     ref = {m: LoraFactors(A=f.A[:width], B=f.B[:, :width], scale=s_mean) for m, f in ref.items()}
     factors, head = from_sent(server.strategy, parts, sent, ref, server.head)
-    factors = lora.with_scale({m: LoraFactors(A=f.A, B=f.B, scale=s_mean) for m, f in factors.items()},
-                              cfg.lora.scale(width))
+    factors = {m: at_scale(LoraFactors(A=f.A, B=f.B, scale=s_mean), cfg.lora.scale(width)) for m, f in factors.items()}
     return Update(client_id=widest.client_id, rank=width, factors=factors, head=head,
                   num_examples=int(weights.sum()), train_loss=float(np.mean([u.train_loss for u in members])),
                   steps=0, samples=0, train_s=0.0)
-
-
-def _rank_axes(name: str) -> tuple[int, ...]:
-    """The axes of a part that run over LoRA slots: A's rows, B's columns, both of R's."""
-    part = name.rsplit(".", 1)[1]
-    return {"A": (0,), "B": (1,), "R": (0, 1)}.get(part, ())
 
 
 # -- the in-process engine's stand-in: the same arithmetic, no masks ---------------------------------------------
@@ -252,14 +208,24 @@ def secure_mean(summands: list[list[np.ndarray]], weights: list[float], the_plan
     Flower's `quantize`, summed modulo 2**32 with the weights, dequantized with Flower's `dequantize`, the
     per-client offset removed and divided by the summed weights. The masks cancel exactly modulo 2**32, so this
     is the protocol's result (up to the rounding's randomness)."""
+    # Flower's stochastic rounding draws from NumPy's global generator: seeded from `rng` for this call and put
+    # back afterwards, so the caller's global random state is not touched.
+    saved = np.random.get_state()
+    if rng is not None:
+        np.random.seed(int(rng.integers(2**32)))
+    try:
+        return _secure_mean(summands, weights, the_plan)
+    finally:
+        np.random.set_state(saved)
+
+
+def _secure_mean(summands: list[list[np.ndarray]], weights: list[float], the_plan: Plan) -> list[np.ndarray]:
     from flwr.common.secure_aggregation.ndarrays_arithmetic import (
         factor_combine, factor_extract, parameters_addition, parameters_mod, parameters_multiply,
     )
     from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
     Q = the_plan.quantization_range
-    if rng is not None:  # Flower's stochastic rounding draws from NumPy's global generator
-        np.random.seed(int(rng.integers(2**32)))
     total = None
     for x, w in zip(summands, weights):
         q_ratio = round(min(float(w), the_plan.max_weight) / the_plan.max_weight * Q)
@@ -282,8 +248,6 @@ def clipped_values(arrays: list[np.ndarray], weight: float, the_plan: Plan) -> i
 def in_process_round(server, updates: list, rng: np.random.Generator) -> "SummedRound | str":
     """The in-process engine's secure round: the updates' sum as SecAgg+ computes it (`secure_mean`), their
     metadata, and the bytes the protocol would upload; or why there is no sum (fewer than 2 updates)."""
-    from dataclasses import replace
-
     updates = sorted(updates, key=lambda u: u.client_id)
     if len(updates) < 2:
         return f"secure aggregation needs 2 clients, {len(updates)} sent an update"
@@ -301,5 +265,17 @@ def in_process_round(server, updates: list, rng: np.random.Generator) -> "Summed
     extra = {"secure_aggregation": True, "bytes_up": 8 * (values + 1) * len(members),
              "bytes_up_head": 8 * head * len(members),
              "secagg_clipped": sum(clipped_values(x, w, the_plan) for x, w in zip(summands, weights))}
-    return SummedRound(mean_update(server, the_plan, mean, members), members, extra)
+    return summed_round(server, the_plan, mean, members, extra)
+
+
+def summed_round(server, the_plan: Plan, arrays: list[np.ndarray], members: list, extra: dict | None = None) -> SummedRound:
+    """What the server received, checked: the unmasked mean must have the round's layout and finite values
+    (ValueError otherwise: the sum cannot be used)."""
+    names = server_layout(server, the_plan.width)
+    if len(arrays) != len(names) or any(np.shape(a) != s for a, (_, s) in zip(arrays, names)):
+        raise ValueError("secure aggregation: the unmasked sum does not have the round's layout")
+    if not all(np.all(np.isfinite(a)) for a in arrays):
+        raise ValueError("secure aggregation: the unmasked sum has non-finite values")
+    mean = {n: np.asarray(a, np.float64) for (n, _), a in zip(names, arrays)}
+    return SummedRound(mean, members, dict(extra or {}), plan=the_plan)
 

@@ -38,7 +38,7 @@ def _predict(host, adapter: str, data, batch_size: int = 64) -> np.ndarray:
     import torch
 
     from fedlora.client import collate
-    from fedlora.tasks import to_device
+    from fedlora.devices import to_device
 
     host.model.set_adapter(adapter)
     pad = host.tokenizer.pad_token_id or 0
@@ -57,7 +57,7 @@ def diagnose(run_dirs: list[Path], console=None) -> dict[str, dict]:
     from fedlora import lora
     from fedlora.config import load_config
     from fedlora.experiment import prepare_data
-    from fedlora.models import ModelHost, load_tokenizer
+    from fedlora.host import ModelHost, load_tokenizer
 
     out, host, data_by_key = {}, None, {}
     for d in map(Path, run_dirs):

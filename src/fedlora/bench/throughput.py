@@ -25,7 +25,7 @@ def _fedlora_trainer(mode: str, rank: int, batch_size: int, steps: int, max_leng
     from fedlora.client import ClientTrainer, Downlink
     from fedlora.config import load_config
     from fedlora.federated_run import build_strategy
-    from fedlora.models import ModelHost
+    from fedlora.host import ModelHost
 
     cfg = load_config(None, [
         f"seed={seed}", f"strategy.name={mode}", f"lora.rank={rank}", f"lora.alpha={rank}",

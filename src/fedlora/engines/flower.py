@@ -2,7 +2,7 @@
 SuperLink/SuperNode deployment (`flwr run . <connection>`).
 
 - `FlowerSimEngine(run).execute()`: `run.loop` on Flower's simulation runtime in this process (Ray backend,
-  one CPU per client, no GPU); `Run(cfg with engine="flower-sim", ...).run()` picks it.
+  one CPU per client, no GPU); `fedlora.engines.execute(Run(cfg with engine="flower-sim", ...))` picks it.
 - `serverapp` / `clientapp`: the components `[tool.flwr.app.components]` names. The ServerApp reads the
   fedlora config from the run config (`config`: a fedlora TOML, `overrides`: "key=value key=value", `out`:
   the run folder, `resume`: continue the run in `out` from its checkpoint); the ClientApp gets the resolved

@@ -33,7 +33,7 @@ from fedlora.client_state import ClientStateStore
 from fedlora.config import ExperimentConfig
 from fedlora.engines.flower_secagg import SECAGG_INS, secagg_mod, secure_reply
 from fedlora.engines.flower_wire import BaseEntry, decode_base_entries, decode_downlink, encode_update
-from fedlora.models import ModelHost
+from fedlora.host import ModelHost
 
 PARTITION_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"

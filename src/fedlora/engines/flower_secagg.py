@@ -160,7 +160,7 @@ def secure_round(transport, run, clients: list[int]):
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
     from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow, WorkflowState
 
-    from fedlora.engines.flower_server import one_line
+    from fedlora.errors import one_line
     from fedlora.federated_run import RoundReplies
 
     server, cfg = run.server, run.cfg
@@ -220,7 +220,7 @@ def secure_round(transport, run, clients: list[int]):
     try:
         members = [_member(nodes[node], fitres, server.mechanism.client_reports, plan.max_weight)
                    for node, fitres in sorted(contributed.items(), key=lambda kv: nodes[kv[0]])]
-        summed = secagg.SummedRound(secagg.mean_update(server, plan, mean, members), members)
+        summed = secagg.summed_round(server, plan, mean, members)
     except (ValueError, KeyError, TypeError) as exc:
         replies.failed = f"secure aggregation: {one_line(str(exc))}"
         return replies

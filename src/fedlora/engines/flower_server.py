@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora.errors import UserError
+from fedlora.errors import UserError, one_line  # noqa: F401  (one_line re-exported)
 from fedlora.config import ExperimentConfig, RoundFailed
 from fedlora.engines.flower_client import COMPRESSED, NUM_PARTITIONS_KEY, PARTITION_KEY
 from fedlora.engines.flower_wire import BadReply, BaseEntry, decode_update, encode_downlink, encode_update
@@ -45,12 +45,6 @@ def _clamped(x, lo: float, hi: float, default: float) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         return default
     return min(max(float(x), lo), hi)
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    lines = [x.strip() for x in str(text).strip().splitlines() if x.strip()]
-    line = lines[-1] if lines else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # -- nodes ------------------------------------------------------------------------------------------------------
@@ -239,7 +233,7 @@ def decompressed(content: RecordDict, server, client_id: int) -> tuple[RecordDic
 
 
 def _sent_shapes(server, client_id: int) -> list[tuple[int, ...]]:
-    from fedlora.dp import sent_tensors
+    from fedlora.protocol import sent_tensors
 
     return [a.shape for a in sent_tensors(server.strategy, server.up_parts(), server.sent_factors(client_id),
                                           server.head).values()]

@@ -14,7 +14,7 @@ import numpy as np
 
 from .accountant import validate_privacy_params
 
-__all__ = ["clip_update", "gaussian_noise", "update_norm"]
+__all__ = ["clip_update", "gaussian_noise", "noisy_release", "update_norm"]
 
 
 def update_norm(tensors: dict[str, np.ndarray]) -> float:
@@ -45,4 +45,18 @@ def gaussian_noise(tensors: dict[str, np.ndarray], std: float, rng: np.random.Ge
     for k, v in tensors.items():
         a = np.asarray(v)
         out[k] = (a + rng.normal(0.0, std, size=a.shape)).astype(a.dtype, copy=False)
+    return out
+
+
+def noisy_release(clipped_sum: dict[str, np.ndarray], std: float, divisors: dict[str, np.ndarray | float],
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """(Σ clipped contributions + N(0, std²) on every coordinate) / divisor, float64. The divisor of a coordinate
+    is the fixed expected number of clients that hold it (never the round's count), so the release's sensitivity
+    to one client is clip / divisor whatever the round's size."""
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"noise std must be a finite number >= 0, got {std!r}")
+    out = {}
+    for k, v in clipped_sum.items():
+        a = np.asarray(v, np.float64)
+        out[k] = (a + rng.normal(0.0, std, size=a.shape)) / divisors[k]
     return out

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from . import Task, model_device, register_task, to_device
+from fedlora.devices import model_device, to_device
+from fedlora.tasks.base import Task
 
 # What an embedded labelled set asks; the answer is the label's name.
 INSTRUCTIONS = {
@@ -38,7 +39,6 @@ def matches(generated: str, answer: str) -> bool:
     return bool(a) and (g == a or g.startswith(a + " "))
 
 
-@register_task
 class CausalLM(Task):
     name = "causal-lm"
 
@@ -84,7 +84,7 @@ class CausalLM(Task):
 
     def encode(self, cfg, tokenizer, prompts: list[str], responses: list[str], classes: np.ndarray):
         """Chat-templated prompt + response + end of turn; the prompt's content is cut so the response fits."""
-        from fedlora.client import EncodedData
+        from fedlora.encoding import EncodedData
 
         max_len = cfg.data.max_length
         eos = tokenizer.eos_token or ""
@@ -105,7 +105,7 @@ class CausalLM(Task):
 
     def prepare_data(self, cfg, tokenizer):
         from fedlora.data import partition_stats
-        from fedlora.experiment import FederatedData
+        from fedlora.encoding import FederatedData
 
         prompts, responses, classes, names, summary, train, test, parts = self._split(cfg)
         cap = cfg.data.max_eval_examples
@@ -240,28 +240,3 @@ def prompt_ids(tokenizer, content: str, system_prompt: str | None) -> list[int]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(content + "\n", add_special_tokens=True)["input_ids"]
-
-
-def generate_from_run(run_dir, prompt: str, max_new_tokens: int | None = None) -> str:
-    """The answer of a causal-lm run's exported global model to `prompt` (greedy), as the run scored it."""
-    import json
-    from pathlib import Path
-
-    from fedlora.errors import UserError
-    from fedlora.models import load_exported_model, load_tokenizer
-
-    adapter = Path(run_dir) / "adapter"
-    meta_file = adapter / "fedlora.json"
-    if not meta_file.is_file():
-        raise UserError(f"no exported adapter in {run_dir} (adapter/fedlora.json): was output.save_adapter off?")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("task") != CausalLM.name:
-        raise UserError(f"{run_dir} is a {meta.get('task', 'classification')} run: generate needs task=causal-lm")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be >= 1")
-    tokenizer = load_tokenizer(meta["model"])
-    task = CausalLM()
-    task.tokenizer = tokenizer
-    model = load_exported_model(adapter)
-    ids = np.asarray(prompt_ids(tokenizer, prompt, meta.get("system_prompt")), dtype=np.int64)
-    return task.generate(model, [ids], tokenizer.pad_token_id or 0, max_new_tokens or meta.get("max_new_tokens", 32))[0]

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
-from . import Task, register_task
+from fedlora.devices import model_device, to_device
+from fedlora.encoding import collate, encode
+from fedlora.tasks.base import Task
 
 
-@register_task
 class SequenceClassification(Task):
     name = "classification"
 
@@ -30,9 +32,8 @@ class SequenceClassification(Task):
         return ds, report, train, test, parts
 
     def prepare_data(self, cfg, tokenizer):
-        from fedlora.client import encode
         from fedlora.data import partition_stats
-        from fedlora.experiment import FederatedData
+        from fedlora.encoding import FederatedData
 
         d = cfg.data
         ds, report, train, test, parts = self._split(cfg)
@@ -49,7 +50,6 @@ class SequenceClassification(Task):
         )
 
     def client_data(self, cfg, tokenizer, client_id):
-        from fedlora.client import encode
         from fedlora.errors import UserError
 
         if not 0 <= client_id < cfg.federation.num_clients:
@@ -62,7 +62,6 @@ class SequenceClassification(Task):
     def file_data(self, cfg, path, tokenizer, label_names):
         from pathlib import Path
 
-        from fedlora.client import encode
         from fedlora.data import load_text_dataset
         from fedlora.errors import UserError
 
@@ -76,7 +75,6 @@ class SequenceClassification(Task):
         return encode(tokenizer, ds.texts, mapping[np.asarray(ds.labels)], cfg.data.max_length)
 
     def collate(self, data, idx, pad_id):
-        from fedlora.client import collate
 
         return collate(data, idx, pad_id)
 
@@ -93,8 +91,6 @@ class SequenceClassification(Task):
         return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device), reduction="none")
 
     def evaluate(self, model, data, batch_size, pad_id):
-        from fedlora.client import evaluate_classifier
-
         return evaluate_classifier(model, data, batch_size, pad_id)
 
     def base_model(self, cfg, num_outputs):
@@ -118,3 +114,19 @@ class SequenceClassification(Task):
         # The seed rebuilds the head's init, which is the head itself when lora.train_head=false (not exported).
         return load_base_model(meta["model"], meta["num_labels"], seed=meta.get("seed", 0),
                                pooling=meta.get("pooling", "cls"))
+
+
+@torch.inference_mode()
+def evaluate_classifier(model: torch.nn.Module, data: EncodedData, batch_size: int, pad_id: int) -> tuple[float, float]:
+    """Mean loss and accuracy of a classifier on `data` (sorted by length so batches pad little)."""
+    order = np.argsort([len(x) for x in data.input_ids], kind="stable")
+    total_loss, correct = 0.0, 0
+    device = model_device(model)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = to_device(collate(data, idx, pad_id), device)
+        out = model(**batch)
+        total_loss += float(out.loss) * len(idx)
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    n = max(len(order), 1)
+    return total_loss / n, correct / n

@@ -128,7 +128,10 @@ def assert_same_run(resumed: Path, reference: Path, rounds: int, context) -> Non
 CASES = {
     "plain": (4, []),
     # Two of three clients a round and simulated failures: the sampler's RNG must continue where it stopped.
-    "sample-dp": (3, ["privacy.mode=sample", "privacy.epsilon=3", "federation.clients_per_round=2"]),
+    # (Reproducible noise: the killed run is compared with a separate uninterrupted one, which must draw the same
+    # noise; the default OS-entropy noise is checked by test_resume_is_exact_with_os_entropy_noise.)
+    "sample-dp": (3, ["privacy.mode=sample", "privacy.epsilon=3", "federation.clients_per_round=2",
+                      "privacy.reproducible_noise=true"]),
     "flora-base-deltas": (3, ["strategy.name=flora", "federation.dropout=0.3"]),
     # FedSA: each client's B lives only in its own state (client-state/), never in the server's checkpoint.
     "fedsa-personal-B": (3, ["strategy.name=fedsa", "federation.clients_per_round=2"]),
@@ -303,3 +306,34 @@ def test_resume_of_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["resume", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unreadable" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["client", "sample"])
+def test_resume_is_exact_with_os_entropy_noise(mode, tmp_path):
+    """Default noise (OS entropy): nobody can rerun the config to get the same noise, so the uninterrupted run
+    itself is the reference. Its folder is copied right after round 1's checkpoint (what a kill then leaves) and
+    the copy resumed: the generators' state in the checkpoint makes the rest identical (adapter to 1e-6, same
+    epsilon), while a second run of the same config releases other noise."""
+    import shutil
+
+    import fedlora
+
+    rounds = 3
+    overrides = TINY + [f"federation.rounds={rounds}", f"privacy.mode={mode}", "privacy.epsilon=8"] + (
+        ["federation.num_clients=6", "federation.clients_per_round=3", "privacy.clip=0.5"] if mode == "client" else [])
+    cfg = load_config(None, overrides)
+    snapshot = tmp_path / "after-round-1"
+
+    def keep_round_1(row):
+        if row["round"] == 1:
+            shutil.copytree(tmp_path / "reference", snapshot)
+
+    reference = fedlora.run(cfg, out=tmp_path / "reference", callbacks=[keep_round_1]).run_dir
+    (snapshot / "summary.json").unlink(missing_ok=True)
+    fedlora.resume(snapshot)
+    assert_same_run(snapshot, reference, rounds, f"{mode}: resumed after round 1")
+    again = fedlora.run(cfg, out=tmp_path / "again").run_dir
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (again, reference))
+    assert any(np.max(np.abs(a[k] - b[k])) > 1e-6 for k in a if "lora_B" in k), "the noise was regenerated"
+

@@ -152,8 +152,8 @@ def run_summary(cfg: ExperimentConfig, server, rows: list[dict], before: tuple[f
         "num_clients": cfg.federation.num_clients,
         "client_ranks": cfg.client_ranks(),
         "test_examples": len(data.test),
-        # What always predicting the most frequent held-out label scores: the floor "learned" is read against.
-        "majority_accuracy": float(np.bincount(data.test.labels).max() / max(len(data.test), 1)),
+        # What always giving the most frequent held-out answer scores: the floor "learned" is read against.
+        "majority_accuracy": majority_accuracy(data.test),
         "partition": data.partition_stats,
         "dropped_total": sum(len(r.get("dropped", [])) for r in rows),
         **extra,
@@ -164,6 +164,18 @@ def run_summary(cfg: ExperimentConfig, server, rows: list[dict], before: tuple[f
         summary["final_epsilon"] = rows[-1].get("epsilon")
         summary["delta"] = cfg.privacy.delta
     return summary
+
+
+def majority_accuracy(test: EncodedData) -> float:
+    """The share of the most frequent reference: the label for a classifier, the answer text for a causal LM
+    (free-form answers all share one partition class, which would make this 1.0)."""
+    if len(test) == 0:
+        return 0.0
+    if test.answers is not None:
+        _, counts = np.unique(np.asarray([" ".join(a.split()).lower() for a in test.answers], dtype=object),
+                              return_counts=True)
+        return float(counts.max() / len(test))
+    return float(np.bincount(test.labels).max() / len(test))
 
 
 def evaluate_global(cfg: ExperimentConfig, host, server, test: EncodedData) -> tuple[float, float]:

@@ -208,6 +208,10 @@ class Run:
                     row["personal_accuracy"], row["personal_clients"] = personal
                     self.progress.note(f"personalised accuracy (each client's own model, {personal[1]} clients): "
                                        f"{personal[0]:.4f}")
+                else:  # the clients' own parts live where they train: this engine does not score them
+                    row["personal_accuracy"] = None
+                    row["personal_note"] = (f"not measured on engine={cfg.engine}: each client's personal parts "
+                                            "stay on its node")
             writer.write(row)
             self.save_checkpoint(transport)
             self.progress.end_round(row)

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fedlora.strategies.base import LoraFactors
+from fedlora.strategies.types import LoraFactors
 
 
 @dataclass

@@ -59,7 +59,7 @@ from fedlora.protocol import (
     SummedRound, Update, contribution, contribution_coef, fixed_change, from_sent, pad_to, slot_axes,
 )
 from fedlora.strategies import LoraFactors
-from fedlora.strategies.base import part_shape
+from fedlora.strategies.types import part_shape
 from fedlora.strategies.common import at_scale
 
 MODULUS = 2**32  # SecAgg+'s mask modulus (Flower's default and maximum)

@@ -21,7 +21,7 @@ from fedlora import lora
 from fedlora.client import Downlink, Update
 from fedlora.config import ExperimentConfig
 from fedlora.strategies import LoraFactors, Strategy
-from fedlora.strategies.base import part_shape
+from fedlora.strategies.types import part_shape
 
 WIRE_DTYPE = np.float32
 BaseEntry = dict[str, tuple[np.ndarray, np.ndarray]]  # module -> (B, A) of one merged delta, ΔW = B·A

@@ -3,7 +3,7 @@
 Pure NumPy on the arrays a client sends (for FFA-LoRA: the B factors and the head). Written by hand because
 Opacus works on per-example gradients of a torch model, not on federated updates. The protocol that uses
 them (where the clip is measured, where the noise goes, the fixed denominator, accounting) is
-`fedlora.dp.ClientLevelDP`.
+`fedlora.round.client_dp` (with `fedlora.dp.ClientLevelDP` for sampling and accounting).
 """
 
 from __future__ import annotations

@@ -131,8 +131,10 @@ class CausalLM(Task):
     def file_data(self, cfg, path, tokenizer, label_names):
         kind = "jsonl" if str(path).lower().endswith((".jsonl", ".json")) else "csv"
         prompts, responses, _, _, _ = self._records(cfg, kind, path)
+        # Answers outside the federation's classes get -1 (none), never a real class: the class only drives
+        # partitions and label statistics; training and scoring read the answer text.
         index = {a: i for i, a in enumerate(label_names)}
-        classes = np.array([index.get(a, 0) for a in responses], dtype=np.int64)
+        classes = np.array([index.get(a, -1) for a in responses], dtype=np.int64)
         return self.encode(cfg, tokenizer, prompts, responses, classes)
 
     # -- training and scoring --------------------------------------------------------------------------------

@@ -186,12 +186,13 @@ def test_kill_and_resume_equals_an_uninterrupted_run(case, tmp_path):
 def test_flower_sim_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     """engine=flower-sim with sample-level DP: SIGKILL the whole simulation (ServerApp, Ray and its actors)
     after a checkpoint; `fedlora resume` starts a new simulation whose nodes hold nothing, and still ends with
-    the same adapter and epsilon."""
+    the same adapter and epsilon. Reproducible noise: the uninterrupted reference is another run, and with OS
+    entropy a node that lost its state (as these do) rightly continues with fresh noise of its own."""
     from flower_procs import TAG_VAR, ProcessTag
 
     rounds = 3
     overrides = TINY + [f"federation.rounds={rounds}", "engine=flower-sim", "strategy.name=fedit",
-                        "privacy.mode=sample", "privacy.epsilon=3"]
+                        "privacy.mode=sample", "privacy.epsilon=3", "privacy.reproducible_noise=true"]
     tag = ProcessTag()  # the killed run's Ray processes are orphaned by SIGKILL: stopped by pid below
     monkeypatch.setitem(ENV, TAG_VAR, tag.value)
     run_dir = tmp_path / "killed"

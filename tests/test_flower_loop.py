@@ -157,8 +157,10 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize("extra", [
     ["strategy.name=flora", "federation.ranks=[2, 4]"],  # base deltas: fresh nodes must get the whole history
+    # DP: fresh nodes continue their accountant from the server's last report. Reproducible noise: the reference
+    # is another run, and fresh nodes would otherwise (rightly) draw fresh entropy noise.
     ["strategy.name=fedit", "privacy.mode=sample", "privacy.epsilon=3", "privacy.batch_size=8",
-     "privacy.local_steps=2"],  # DP: fresh nodes continue their accountant from the server's last report
+     "privacy.local_steps=2", "privacy.reproducible_noise=true"],
 ])
 def test_resumed_serverapp_on_fresh_nodes_equals_an_uninterrupted_run(tmp_path, extra):
     import numpy as np

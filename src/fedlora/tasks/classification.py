@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedlora.devices import model_device, to_device
-from fedlora.encoding import collate, encode
+from fedlora.encoding import EncodedData, collate, encode
 from fedlora.tasks.base import Task
 
 

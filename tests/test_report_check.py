@@ -168,10 +168,10 @@ def test_an_80000_entry_history_is_answered_in_bounded_time():
     """A naive Opacus recomputation evaluates every entry (minutes, see bench/bench_report_check.py); merged,
     it is one evaluation per distinct pair, at most MAX_PAIRS."""
     report_check._rdp_of_one_step.cache_clear()
-    pairs = [(1.0, 0.05), (1.3, 0.05), (2.0, 0.1), (SIGMA, Q)]
-    history = [[s, q, 1] for _ in range(20_000) for s, q in pairs]
-    merged = tuple((s, q, 20_000) for s, q in pairs)
-    previous = VerifiedReport(0.0, SIGMA, Q, 60_000 + 19_900, "rdp",
+    pairs = [(1.3, 0.05), (SIGMA, Q)]
+    history = [[s, q, 1] for _ in range(40_000) for s, q in pairs]
+    merged = tuple((s, q, 40_000) for s, q in pairs)
+    previous = VerifiedReport(0.0, SIGMA, Q, 40_000 + 39_900, "rdp",
                               tuple((s, q, n if (s, q) != (SIGMA, Q) else n - 100) for s, q, n in merged))
     acc = RDPAccountant()
     acc.history = list(merged)
@@ -308,3 +308,12 @@ def test_the_prv_grid_is_sized_as_opacus_sizes_it():
         theirs = compute_safe_domain_size(prvs=prvs, max_self_compositions=[n for *_, n in history], eps_error=0.01,
                                           delta_error=DELTA / 1000)
         assert report_check._prv_half_width(history, 0.01, DELTA / 1000) == pytest.approx(theirs, rel=1e-12)
+
+
+@pytest.mark.parametrize("history", [((SIGMA, Q, STEPS),), ((1.0, 0.01, 500), (2.0, 0.3, 7))])
+def test_the_prv_epsilon_is_opacus_own(history):
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = list(history)
+    assert report_check.server_epsilon(history, DELTA, "prv") == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)

@@ -22,14 +22,23 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.analysis.prv import (
+    Domain,
+    PoissonSubsampledGaussianPRV,
+    TruncatedPrivacyRandomVariable,
+    compose_heterogeneous,
+    discretize,
+)
 
 __all__ = ["MAX_HISTORY", "MAX_PAIRS", "VerifiedReport", "server_epsilon", "verify_report"]
 
 MAX_HISTORY = 100_000  # entries a report's history may hold (a 1 MiB JSON report holds about 80,000)
-MAX_PAIRS = 4  # distinct (sigma, q) pairs after merging; an honest client has one for the whole run
-MAX_NOISE_MULTIPLIER = 1e4  # beyond this, epsilon is ~0 anyway, and one RDP evaluation can take seconds
+MAX_PAIRS = 2  # distinct (sigma, q) pairs after merging; an honest client has one for the whole run
+# Above this, epsilon is ~0 (sigma 1e4 reaches epsilon 0.02 only after ~1e5 full-batch steps) and one RDP
+# evaluation near q = 0.5 takes seconds.
+MAX_NOISE_MULTIPLIER = 1e4
 MAX_STEPS = 10**9  # DP steps of one client over a whole run
 MAX_PRV_GRID = 4_000_000  # points of the PRV accountant's discretisation (8 bytes each, a few arrays)
 TOLERANCE = 1e-3  # relative disagreement allowed between the claimed and the server's epsilon
@@ -222,13 +231,18 @@ def _prv_half_width(history, eps_error: float, delta_error: float) -> float:
 
 
 def _prv_epsilon(history, delta: float) -> float | str:
-    eps_error, delta_error = 0.01, delta / 1000  # PRVAccountant.get_epsilon's defaults
-    # The grid Opacus will allocate, sized first as PRVAccountant._get_domain sizes it (2L / mesh points):
-    # a crafted pair (tiny sigma and q) would have it allocate terabytes.
-    mesh = eps_error / math.sqrt(sum(n for _, _, n in history) * math.log(12 / delta_error) / 2)
-    points = 2 * _prv_half_width(history, eps_error, delta_error) / mesh
+    """PRVAccountant.get_epsilon at its defaults, step by step with Opacus' own PRV functions (as its
+    `_get_dprv`), so that the grid is sized before it is allocated (a crafted pair, tiny sigma and q, would
+    ask for terabytes) and the grid's half-width comes from the per-pair RDP cache."""
+    eps_error, delta_error = 0.01, delta / 1000
+    counts = [n for _, _, n in history]
+    half = _prv_half_width(history, eps_error, delta_error)
+    mesh = eps_error / math.sqrt(sum(counts) * math.log(12 / delta_error) / 2)
+    points = 2 * half / mesh
     if not math.isfinite(points) or points > MAX_PRV_GRID:
         return f"privacy report: its history needs a PRV grid of {points:.3g} points (limit {MAX_PRV_GRID:g})"
-    acc = PRVAccountant()
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta, eps_error=eps_error, delta_error=delta_error))
+    domain = Domain.create_aligned(-half, half, mesh)
+    prvs = [PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history]
+    dprvs = [discretize(TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max), domain) for p in prvs]
+    composed = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
+    return float(composed.compute_epsilon(delta, delta_error, eps_error)[2])  # the upper bound, as Opacus

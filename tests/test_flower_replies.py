@@ -29,7 +29,7 @@ from fedlora.engines.flower_replies import (
     decode_member,
     decode_skip,
 )
-from fedlora.engines.flower_server import FlowerOptions, FlowerTransport, map_nodes
+from fedlora.engines.flower_server import FlowerOptions, FlowerTransport, eval_example_bound, map_nodes
 from fedlora.engines.flower_wire import encode_update
 from fedlora.federated_run import build_strategy
 from fedlora.progress import RunProgress
@@ -93,7 +93,8 @@ def make_run(*overrides: str, clients: int = 4):
 
 
 def transport(run, answer) -> FlowerTransport:
-    t = FlowerTransport(ScriptedGrid(answer, run.cfg.federation.num_clients), FlowerOptions(round_timeout_s=1.0, federated_eval=True))
+    options = FlowerOptions(round_timeout_s=1.0, federated_eval=True)
+    t = FlowerTransport(ScriptedGrid(answer, run.cfg.federation.num_clients), options)
     t.config_toml = run.cfg.to_toml()
     t.nodes = {c: NODE + c for c in range(run.cfg.federation.num_clients)}
     return t
@@ -214,7 +215,9 @@ def test_evaluation_counts_are_bounded_by_the_evaluation_cap():
     run = make_run("data.max_eval_examples=50")
     metrics = transport(run, lambda c, msg: eval_reply(c, n=51 if c == 0 else 50)).round_metrics(run)
     assert set(metrics["client_eval_dropped"]) == {"0"} and metrics["client_eval_accuracy"] == 0.5
+    # Without a cap, the bound is the one a training reply's count has.
     uncapped = make_run()
+    assert eval_example_bound(uncapped.cfg) == MAX_EXAMPLES
     assert decode_evaluation(eval_reply(0, n=MAX_EXAMPLES), 0, MAX_EXAMPLES).num_examples == MAX_EXAMPLES
 
 

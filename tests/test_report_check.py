@@ -259,7 +259,7 @@ def cases(draw):
     kind = draw(st.sampled_from(["rdp", "rdp", "rdp", "prv"]))
     previous, expected = None, draw(st.sampled_from([0, STEPS, 2 * STEPS]))
     if draw(st.booleans()):
-        sigma, q, rounds = draw(st.sampled_from([SIGMA, 1.0, 4.0])), draw(st.sampled_from([Q, 0.5, 1e-4])), 1
+        sigma, q = draw(st.sampled_from([SIGMA, 1.0, 4.0])), draw(st.sampled_from([Q, 0.5, 1e-4]))
         rep = honest(kind, rounds=draw(st.integers(1, 2)), sigma=sigma, q=q)
         if rep["dp_steps"] == 2 * STEPS and draw(st.booleans()):
             previous = first_report(kind, sigma, q)

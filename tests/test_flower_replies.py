@@ -250,7 +250,8 @@ def test_secagg_member_metadata_is_checked():
 values = st.one_of(st.sampled_from([0, 1, -1, 20, 10**9, 10**20, 0.5, 1.0, 1e30, -1e30, math.inf, -math.inf,
                                     math.nan, 2.5]),
                    st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**30, 10**30),
-                   st.lists(st.integers(-3, 3), max_size=2), st.lists(st.floats(), max_size=2))
+                   st.lists(st.integers(-3, 3), max_size=2), st.lists(st.floats(), max_size=2),
+                   st.just([10**400]))
 eval_keys = st.sampled_from(["client-id", "num-examples", "eval-accuracy", "eval-loss", "extra"])
 
 
@@ -321,3 +322,8 @@ def test_fields_return_a_checked_value_or_refuse(x, lo, hi):
             assert "\n" not in str(exc)
             continue
         assert lo <= v <= hi and math.isfinite(v)
+    try:
+        got = f.numbers("k", 2)
+    except BadReply:
+        return
+    assert all(math.isfinite(v) for v in got)

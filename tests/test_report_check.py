@@ -101,6 +101,7 @@ def test_a_claim_within_the_tolerance_passes_and_the_server_keeps_its_own_value(
     ([math.inf, Q, STEPS], "noise_multiplier inf"), ([SIGMA, Q, 2.0], "steps 2.0"), ([SIGMA, Q, True], "steps True"),
     ([True, Q, STEPS], "noise_multiplier True"), (["1", Q, STEPS], "noise_multiplier 1"), ([SIGMA, Q], "entry 0"),
     ({"s": 1}, "entry 0"), ([SIGMA, Q, 10**30], "steps 1000"), ([1e9, Q, STEPS], "noise_multiplier 1000000000"),
+    ([10**400, Q, STEPS], "noise_multiplier 1000"), ([SIGMA, 10**400, STEPS], "sample_rate 1000"),
 ])
 def test_every_history_entry_is_validated(entry, fragment):
     rep = honest()
@@ -110,7 +111,8 @@ def test_every_history_entry_is_validated(entry, fragment):
 
 @pytest.mark.parametrize("field,value,fragment", [
     ("epsilon", math.nan, "epsilon nan"), ("epsilon", -1.0, "epsilon -1.0"), ("epsilon", "1", "epsilon 1"),
-    ("epsilon", None, "epsilon None"), ("epsilon", True, "epsilon True"),
+    ("epsilon", None, "epsilon None"), ("epsilon", True, "epsilon True"), ("epsilon", 10**400, "epsilon 1000"),
+    ("noise_multiplier", 10**400, "noise_multiplier 1000"), ("sample_rate", -(10**400), "sample_rate -1000"),
     ("noise_multiplier", -0.5, "noise_multiplier -0.5"), ("sample_rate", 2, "sample_rate 2"),
     ("dp_steps", -1, "dp_steps -1"), ("dp_steps", 40.0, "dp_steps 40.0"), ("dp_steps", 41, "differs from its history"),
     ("accountant", {"kind": "prv", "history": [[SIGMA, Q, STEPS]]}, "not the server's 'rdp'"),
@@ -234,12 +236,14 @@ def test_a_damaged_stored_report_is_a_value_error(mutate):
 
 # -- property: any report ---------------------------------------------------------------------------------------
 # Pairs from a small set (the per-pair RDP cache keeps the test fast), extreme ones included.
-sigmas = st.sampled_from([0.0, 1e-6, 0.3, SIGMA, 1.0, 4.0, 1e4, -1.0, math.nan, math.inf, 1e9, True, "1", None])
-rates = st.sampled_from([1e-12, 1e-4, Q, 0.5, 1.0, 0.0, 1.5, -0.1, math.nan, False, None])
+sigmas = st.sampled_from([0.0, 1e-6, 0.3, SIGMA, 1.0, 4.0, 1e4, -1.0, math.nan, math.inf, 1e9, True, "1", None,
+                          10**400, 1])
+rates = st.sampled_from([1e-12, 1e-4, Q, 0.5, 1.0, 0.0, 1.5, -0.1, math.nan, False, None, 10**400, 1])
 counts = st.one_of(st.integers(-3, 60), st.sampled_from([10**12, 2.0, True, None, "3"]))
 entries = st.one_of(st.lists(st.one_of(sigmas, rates, counts), min_size=3, max_size=3),
                     st.tuples(sigmas, rates, counts).map(list), st.just([1.0]), st.just("x"))
-claims = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([None, True, "1", -1]))
+claims = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                   st.sampled_from([None, True, "1", -1, 10**400, 0, 26]))
 
 
 @functools.cache

@@ -74,8 +74,8 @@ class Fields:
 
     def numbers(self, key: str, limit: int, default=_MISSING) -> list[float]:
         x = self._get(key, default)
-        if not isinstance(x, list) or len(x) > limit or any(not _is_number(v) for v in x):
-            raise BadReply(f"{self.what} {key} is not a list of at most {limit} numbers")
+        if not isinstance(x, list) or len(x) > limit or any(not (_is_number(v) and -1e308 < v < 1e308) for v in x):
+            raise BadReply(f"{self.what} {key} is not a list of at most {limit} finite numbers")
         return [float(v) for v in x]
 
     def json(self, key: str, limit: int) -> object:

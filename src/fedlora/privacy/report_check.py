@@ -76,7 +76,7 @@ class VerifiedReport:
         if isinstance(parsed, str):
             raise ValueError(f"stored {parsed}")
         eps = d.get("epsilon")
-        if not _is_number(eps) or math.isnan(eps) or eps < 0:
+        if not _is_epsilon(eps):
             raise ValueError(f"stored privacy report: epsilon {str(eps)[:30]} is not a number >= 0")
         sigma, q, steps, history = parsed
         return cls(float(eps), sigma, q, steps, kind, history)
@@ -106,7 +106,7 @@ def verify_report(report, previous: VerifiedReport | None, *, delta: float, acco
         return parsed
     sigma, q, steps, history = parsed
     claim = report.get("epsilon")
-    if not _is_number(claim) or math.isnan(claim) or claim < 0:
+    if not _is_epsilon(claim):
         return f"privacy report: epsilon {str(claim)[:30]} is not a number >= 0"
     before = previous.dp_steps if previous is not None else 0
     low = before + int(expected_steps)
@@ -160,11 +160,17 @@ def _is_number(x) -> bool:
 
 
 def _bad_pair(sigma, q) -> str | None:
-    if not _is_number(sigma) or not math.isfinite(sigma) or not 0 <= sigma <= MAX_NOISE_MULTIPLIER:
+    # Plain comparisons: they are exact for integers of any size (math.isfinite(10**400) raises) and NaN fails them.
+    if not _is_number(sigma) or not 0 <= sigma <= MAX_NOISE_MULTIPLIER:
         return f"noise_multiplier {str(sigma)[:30]} is not a number in 0..{MAX_NOISE_MULTIPLIER:g}"
-    if not _is_number(q) or not math.isfinite(q) or not 0 < q <= 1:
+    if not _is_number(q) or not 0 < q <= 1:
         return f"sample_rate {str(q)[:30]} is not a number in (0, 1]"
     return None
+
+
+def _is_epsilon(x) -> bool:
+    """A number >= 0, finite (below float's range) or infinite; not NaN."""
+    return _is_number(x) and (x == math.inf or 0 <= x < 1e308)
 
 
 def _is_steps(n) -> bool:

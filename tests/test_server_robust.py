@@ -40,6 +40,15 @@ def make_server(method: str, *extra: str) -> Server:
     return Server(cfg, build_strategy(cfg, DIMS), DIMS, {k: v.copy() for k, v in HEAD.items()}, [10] * 4)
 
 
+def honest_report(server: Server, client: int) -> dict:
+    """What an honest DP-SGD client reports after its first round: its accountant charged for the steps asked."""
+    from fedlora.dp import SamplePrivacy
+
+    state = SamplePrivacy.for_client(server.cfg, server.client_sizes[client])
+    state.accountant.step(state.noise_multiplier, state.sample_rate, server.cfg.local_steps())
+    return state.report()
+
+
 def honest_update(server: Server, client: int, rng: np.random.Generator, size: float = 0.1) -> Update:
     down = server.downlink(client)
     factors = {}
@@ -148,8 +157,7 @@ def run_round(server: Server, crafted: RecordDict, rng: np.random.Generator):
     for c in range(3):
         up = honest_update(server, c, rng)
         if server.cfg.privacy.mode == "sample":
-            up.privacy = {"epsilon": 0.5, "noise_multiplier": 1.0, "sample_rate": 0.5, "dp_steps": 2,
-                          "accountant": {"kind": "rdp", "history": [[1.0, 0.5, 2]]}}
+            up.privacy = honest_report(server, c)
         updates.append(decode_update(encode_update(up, server.strategy, server.up_parts()), server, c).update)
     start = time.perf_counter()
     try:
@@ -179,8 +187,7 @@ def test_a_crafted_reply_never_escapes_the_round_nor_moves_the_model_past_the_bo
     rng = np.random.default_rng(seed)
     honest = honest_update(server, 3, rng, size=float(rng.choice([0.1, 1e30 ** 0.5, 1e3])))
     if server.cfg.privacy.mode == "sample":
-        honest.privacy = {"epsilon": 0.5, "noise_multiplier": 1.0, "sample_rate": 0.5, "dp_steps": 2,
-                          "accountant": {"kind": "rdp", "history": [[1.0, 0.5, 2]]}}
+        honest.privacy = honest_report(server, 3)
     crafted = apply(encode_update(honest, server.strategy, server.up_parts()), edits)
     _, before = server.global_eval_factors()
     before = {m: LoraFactors(A=f.A.astype(np.float64), B=f.B.astype(np.float64), scale=f.scale) for m, f in before.items()}

@@ -1,5 +1,5 @@
 """Privacy as a run uses it: the sample-level DP state of a client (`sample`), the server's mechanisms
-(`mechanisms`: sampling, report checks, accounting, metrics) and the checks of client reports (`reports`).
+(`mechanisms`: sampling, report checks, accounting, metrics); the report check itself is `fedlora.privacy.report_check`.
 Clipping and noising updates under client-level DP is a stage of the round pipeline (`fedlora.round.client_dp`).
 """
 
@@ -13,9 +13,8 @@ from fedlora.dp.mechanisms import (
     max_epsilon,
     privacy_metrics,
 )
-from fedlora.dp.reports import MAX_HISTORY, check_privacy_report
 from fedlora.dp.sample import SamplePrivacy, clip_groups, noise_seed
 
-__all__ = ["MAX_HISTORY", "MECHANISMS", "ClientLevelDP", "PrivacyMechanism", "SampleLevelDP", "SamplePrivacy",
-           "check_privacy_report", "client_level_calibration", "clip_groups", "make_mechanism", "max_epsilon",
+__all__ = ["MECHANISMS", "ClientLevelDP", "PrivacyMechanism", "SampleLevelDP", "SamplePrivacy",
+           "client_level_calibration", "clip_groups", "make_mechanism", "max_epsilon",
            "noise_seed", "privacy_metrics"]

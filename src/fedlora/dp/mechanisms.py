@@ -16,9 +16,9 @@ import math
 import numpy as np
 
 from fedlora.config import ExperimentConfig
-from fedlora.dp.reports import check_privacy_report
 from fedlora.dp.sample import SamplePrivacy, noise_seed
 from fedlora.privacy import ClientAccountant, calibrate_noise_multiplier
+from fedlora.privacy.report_check import VerifiedReport, verify_report
 
 
 def client_level_calibration(cfg: ExperimentConfig) -> tuple[float, float]:
@@ -85,8 +85,9 @@ class PrivacyMechanism:
         """This round's clients, when the mechanism's analysis needs its own sampling; None: the default."""
         return None
 
-    def check_report(self, update, previous: dict | None) -> str | None:
-        """Why the privacy report a client sent must be rejected, or None."""
+    def check_report(self, update, previous: dict | None, client_size: int, round_idx: int) -> dict | str | None:
+        """The privacy report a client sent, as the server verified it (a dict rebuilt from parsed values), or
+        why it must be rejected (a string), or None when the mode has no reports."""
         return None
 
     def record_reports(self, reports: dict[int, dict], updates: list) -> None:
@@ -115,12 +116,35 @@ class SampleLevelDP(PrivacyMechanism):
     def client_state(cls, cfg: ExperimentConfig, num_examples: int) -> SamplePrivacy:
         return SamplePrivacy.for_client(cfg, num_examples)
 
-    def check_report(self, update, previous: dict | None) -> str | None:
-        return check_privacy_report(update.privacy, previous)
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__(cfg)
+        self._pairs: dict[int, tuple[float, float]] = {}  # client size -> the (sigma, q) the config gives it
+
+    def expected_pair(self, client_size: int) -> tuple[float, float]:
+        """(sigma, q) a client of this size trains with (`SamplePrivacy.for_client`), computed once per size."""
+        if client_size not in self._pairs:
+            state = SamplePrivacy.for_client(self.cfg, client_size)
+            self._pairs[client_size] = (state.noise_multiplier, state.sample_rate)
+        return self._pairs[client_size]
+
+    def check_report(self, update, previous: dict | None, client_size: int, round_idx: int) -> dict | str:
+        """The client's report verified by the server: every field parsed, the history continuing the last
+        verified one at the (sigma, q) the config gives this client, epsilon recomputed with the server's own
+        accountant (a disagreeing claim is refused). What is kept is rebuilt from parsed values only."""
+        p = self.cfg.privacy
+        try:
+            before = VerifiedReport.from_dict(previous) if previous is not None else None
+        except ValueError as exc:  # the server's own stored state: a bug, not the client's fault
+            raise RuntimeError(f"stored privacy report of client {update.client_id} is unreadable: {exc}") from None
+        steps = self.cfg.local_steps()
+        verified = verify_report(update.privacy, before, delta=p.delta, accountant=p.accountant,
+                                 expected_steps=steps, max_steps=round_idx * steps,
+                                 expected_pair=self.expected_pair(client_size))
+        return verified if isinstance(verified, str) else verified.to_dict()
 
     def record_reports(self, reports: dict[int, dict], updates: list) -> None:
         for u in updates:
-            reports[u.client_id] = u.privacy
+            reports[u.client_id] = u.privacy  # the verified dict `check_report` returned (see round.validate)
 
     def metrics(self, reports: dict[int, dict]) -> dict:
         return privacy_metrics(self.cfg, reports)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
 
 import json
-import math
 import time
 from dataclasses import dataclass, replace
 
@@ -23,7 +22,14 @@ from flwr.serverapp import Grid
 from fedlora.errors import UserError, one_line  # noqa: F401  (one_line re-exported)
 from fedlora.config import ExperimentConfig, RoundFailed
 from fedlora.engines.flower_client import COMPRESSED, NUM_PARTITIONS_KEY, PARTITION_KEY
-from fedlora.engines.flower_wire import BadReply, BaseEntry, decode_update, encode_downlink, encode_update
+from fedlora.engines.flower_replies import (
+    MAX_EXAMPLES,
+    BadReply,
+    decode_evaluation,
+    decode_node_info,
+    decode_skip,
+)
+from fedlora.engines.flower_wire import BaseEntry, decode_update, encode_downlink, encode_update
 from fedlora.experiment import dense_to_factors
 from fedlora.progress import RunProgress
 from fedlora.federated_run import RoundReplies, Run, Transport
@@ -38,13 +44,6 @@ class FlowerOptions:
     round_timeout_s: float = 600.0  # wait this long for a round's replies, then go on with what arrived
     node_wait_s: float = 120.0  # wait this long for every client's SuperNode to connect before round 1
     federated_eval: bool = False  # also evaluate the global adapter on each client's own data every round
-
-
-def _clamped(x, lo: float, hi: float, default: float) -> float:
-    """A number a client reported, within [lo, hi]; `default` when it is not a finite number."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return default
-    return min(max(float(x), lo), hi)
 
 
 # -- nodes ------------------------------------------------------------------------------------------------------
@@ -64,10 +63,13 @@ def map_nodes(grid: Grid, cfg: ExperimentConfig, options: FlowerOptions, known: 
                     progress.note(f"node {reply.metadata.src_node_id}: {one_line(reply.error.reason)}")
                     continue
                 asked.add(int(reply.metadata.src_node_id))
-                info = reply.content["node"]
-                pid = int(info[PARTITION_KEY])
-                if NUM_PARTITIONS_KEY in info and int(info[NUM_PARTITIONS_KEY]) != n:
-                    raise FlowerRunError(f"a SuperNode has num-partitions={info[NUM_PARTITIONS_KEY]} but "
+                try:
+                    pid, partitions = decode_node_info(reply.content, PARTITION_KEY, NUM_PARTITIONS_KEY)
+                except BadReply as exc:  # this node stays unmapped; the others go on
+                    progress.note(f"node {reply.metadata.src_node_id}: {exc}")
+                    continue
+                if partitions is not None and partitions != n:
+                    raise FlowerRunError(f"a SuperNode has num-partitions={partitions} but "
                                          f"federation.num_clients={n}")
                 if not 0 <= pid < n:
                     raise FlowerRunError(f"a SuperNode has partition-id={pid}, outside 0..{n - 1}")
@@ -135,22 +137,21 @@ class FlowerTransport(Transport):
             if reply.has_error():
                 replies.dropped[c] = f"client failed: {one_line(reply.error.reason)}"
                 continue
-            if "skip" in reply.content:  # e.g. its privacy budget would be exceeded: it sits out
-                replies.dropped[c] = str(reply.content["skip"]["reason"])
-                continue
             try:
+                if "skip" in reply.content:  # e.g. its privacy budget would be exceeded: it sits out
+                    replies.dropped[c] = decode_skip(reply.content)
+                    continue
                 content, sizes = decompressed(reply.content, server, c)
                 payload = decode_update(content, server, c)
-            except BadReply as exc:
+            except BadReply as exc:  # the reply's own defect; anything else is the server's bug and propagates
                 replies.dropped[c] = one_line(str(exc))
                 continue
             replies.updates.append(payload.update)
             up += sizes[0] if sizes else payload.nbytes
             up_head += sizes[1] if sizes else payload.nbytes_head
-            replies.extra["client_setup_s"] += _clamped(payload.metrics.get("setup-s"), 0.0, 1e6, 0.0)
+            replies.extra["client_setup_s"] += payload.metrics["setup-s"]
             # What the node says it holds, never more than what exists (a lie only costs it a resend).
-            self.acked[node] = int(_clamped(payload.metrics.get("base-count"), 0, len(self.base_log),
-                                            self.acked.get(node, 0)))
+            self.acked[node] = min(payload.metrics["base-count"], len(self.base_log))
             run.progress.advance(payload.update.steps)
         for node, c in sent.items():
             if node not in answered:
@@ -163,7 +164,10 @@ class FlowerTransport(Transport):
         self.base_log.append({m: dense_to_factors(d) for m, d in base_delta.items()})
 
     def round_metrics(self, run: Run) -> dict:
-        return {"client_eval_accuracy": self.federated_eval(run)} if self.options.federated_eval else {}
+        if not self.options.federated_eval:
+            return {}
+        accuracy, dropped = self.federated_eval(run)
+        return {"client_eval_accuracy": accuracy} | ({"client_eval_dropped": dropped} if dropped else {})
 
     def state_dict(self) -> dict:
         return {"base_log": [{m: [B, A] for m, (B, A) in entry.items()} for entry in self.base_log]}
@@ -186,17 +190,34 @@ class FlowerTransport(Transport):
         msg = Message(payload.content, dst_node_id=node, message_type=kind, group_id=str(run.server.round + 1))
         return msg, payload.nbytes
 
-    def federated_eval(self, run: Run) -> float | None:
-        """Weighted mean accuracy of the global adapter on every mapped client's own data."""
-        messages = [self._instruction(run, c, node, MessageType.EVALUATE)[0] for c, node in sorted(self.nodes.items())]
-        total, correct = 0, 0.0
+    def federated_eval(self, run: Run) -> tuple[float | None, dict[str, str]]:
+        """(weighted mean accuracy of the global adapter on every mapped client's own data, client -> why its
+        evaluation was not counted)."""
+        sent = {node: c for c, node in sorted(self.nodes.items())}
+        messages = [self._instruction(run, c, node, MessageType.EVALUATE)[0] for node, c in sent.items()]
+        total, correct, dropped = 0, 0.0, {}
         for reply in self.grid.send_and_receive(messages, timeout=self.options.round_timeout_s):
-            if reply.has_error():
+            c = sent.pop(int(reply.metadata.src_node_id), None)
+            if c is None:  # not a node this evaluation asked, or a second reply
                 continue
-            m = reply.content["metrics"]
-            total += int(m["num-examples"])
-            correct += float(m["eval-accuracy"]) * int(m["num-examples"])
-        return correct / total if total else None
+            if reply.has_error():
+                dropped[str(c)] = f"client failed: {one_line(reply.error.reason)}"
+                continue
+            try:
+                ev = decode_evaluation(reply.content, c, eval_example_bound(run.cfg))
+            except BadReply as exc:
+                dropped[str(c)] = one_line(str(exc))
+                continue
+            total += ev.num_examples
+            correct += ev.accuracy * ev.num_examples
+        dropped.update({str(c): f"no reply within {self.options.round_timeout_s:g}s" for c in sent.values()})
+        return (correct / total if total else None), dropped
+
+
+def eval_example_bound(cfg: ExperimentConfig) -> int:
+    """The most examples one client's evaluation may weigh: the evaluation cap every client applies, else the
+    same bound as a training reply's count."""
+    return int(cfg.data.max_eval_examples or MAX_EXAMPLES)
 
 
 def decompressed(content: RecordDict, server, client_id: int) -> tuple[RecordDict, tuple[int, int] | None]:
@@ -215,12 +236,15 @@ def decompressed(content: RecordDict, server, client_id: int) -> tuple[RecordDic
     if any(not isinstance(a, Array) or a.stype != "numpy.ndarray" for a in record.values()) \
             or sum(len(a.data) for a in record.values()) > limit:
         raise BadReply("malformed reply: compressed upload is not NumPy arrays of the expected size")
+    arrays = {}
+    for k, a in record.items():
+        try:
+            arrays[str(k)] = a.numpy()
+        except Exception as exc:  # parsing the reply's own bytes: NumPy raises several types on a corrupt stream
+            raise BadReply(f"malformed reply: compressed upload: unreadable array ({type(exc).__name__})") from None
     try:
-        arrays = {str(k): a.numpy() for k, a in record.items()}
         factors, head = compression.decompress_update(server, client_id, arrays)
-    except BadReply:
-        raise
-    except Exception as exc:  # ValueError from the codec, or anything a crafted array can provoke
+    except ValueError as exc:  # the codec's answer to a payload that does not fit (its documented contract)
         raise BadReply(f"malformed reply: compressed upload: {one_line(str(exc), 200) or type(exc).__name__}") from None
     rank = server.expected_rank(client_id)
     plain = encode_update(Update(client_id=client_id, rank=rank, factors=factors, head=head, num_examples=1,

@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedlora import lora
 from fedlora.client import Downlink, Update
 from fedlora.config import ExperimentConfig
+from fedlora.engines.flower_replies import MAX_EXAMPLES, BadReply, Fields, malformed, record
 from fedlora.strategies import LoraFactors, Strategy
 from fedlora.strategies.types import part_shape
 
@@ -158,16 +159,12 @@ class UpPayload:
     update: Update
     nbytes: int
     nbytes_head: int
-    metrics: dict
+    metrics: dict  # the reply's metrics, each one checked (`base-count`, `setup-s` included)
 
 
 FLOAT_DTYPES = {"float16", "float32", "float64"}
 _NPY_HEADER = 4096  # bytes an .npy header may take beyond the values
 MAX_REPORT = 1 << 20  # bytes of a privacy report (JSON)
-
-
-class BadReply(ValueError):
-    """A reply the server refuses: one line naming what is wrong."""
 
 
 def _expected_array(arrays, key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -186,71 +183,45 @@ def _expected_array(arrays, key: str, shape: tuple[int, ...]) -> np.ndarray:
         raise BadReply(f"{key}: payload larger than a float array of shape {tuple(shape)}")
     try:
         value = arr.numpy()
-    except Exception as exc:  # a corrupt .npy stream: numpy raises several types
+    except Exception as exc:  # parsing the reply's own bytes: NumPy raises several types on a corrupt stream
         raise BadReply(f"{key}: unreadable array ({type(exc).__name__})") from None
     if value.dtype.kind != "f" or value.shape != tuple(shape):
         raise BadReply(f"{key}: its data is {value.dtype} {value.shape}, not float {tuple(shape)}")
     return value.astype(np.float32, copy=False)
 
 
-def _bounded_int(metrics: dict, key: str, lo: int, hi: int) -> int:
-    x = metrics.get(key)
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x != int(x) \
-            or not lo <= x <= hi:
-        raise BadReply(f"metric {key} = {str(x)[:40]} is not an integer in {lo}..{hi}")
-    return int(x)
-
-
-def _finite_float(metrics: dict, key: str) -> float:
-    x = metrics.get(key)
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        raise BadReply(f"metric {key} = {str(x)[:40]} is not a finite number")
-    return float(x)
-
-
 def decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
     """The update of `client_id` from its reply, read against what the server expects of it this round: its
     modules and shapes (`server.dims` at the rank the server assigned), A only when the strategy sends A, the
-    server's head keys, its scale (the server's), bounded counts. Raises BadReply (one line) on anything else;
-    values (finiteness, norms) are checked by `Server.finish_round`. Never raises anything but BadReply."""
+    server's head keys, its scale (the server's), bounded counts. Raises BadReply (one line) on the reply's own
+    defects; values (finiteness, norms) are checked by `Server.finish_round`. Any other exception is a bug of
+    the server's code and propagates as one."""
     try:
         return _decode_update(content, server, client_id)
     except BadReply as exc:
-        text = str(exc)
-        raise BadReply(text if text.startswith("malformed reply") else f"malformed reply: {text}") from None
-    except Exception as exc:  # anything a crafted record can provoke (RecursionError, TypeError, ...)
-        raise BadReply(f"malformed reply: {type(exc).__name__}") from None
+        raise malformed(exc) from None
 
 
 def _decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
     cfg, strategy, parts = server.cfg, server.strategy, server.up_parts()
     rank = server.expected_rank(client_id)
-    for key in ("lora", "metrics"):
-        if key not in content:
-            raise BadReply(f"{key} missing")
-    mt = content["metrics"]
-    if not isinstance(mt, MetricRecord):
-        raise BadReply("metrics is not a metric record")
-    mt = dict(mt)
-    if _bounded_int(mt, "client-id", 0, cfg.federation.num_clients - 1) != client_id:
-        raise BadReply(f"reply claims client {mt['client-id']}")
-    if _bounded_int(mt, "rank", 1, 1 << 20) != rank:
-        raise BadReply(f"rank {mt['rank']} differs from the client's assigned rank {rank}")
-    arrays = content["lora"]
-    if not isinstance(arrays, ArrayRecord):
-        raise BadReply("lora is not an array record")
+    arrays = record(content, "lora", ArrayRecord)
+    mt = Fields(record(content, "metrics", MetricRecord), "metric")
+    if mt.integer("client-id", 0, cfg.federation.num_clients - 1) != client_id:
+        raise BadReply(f"reply claims client {mt.values['client-id']}")
+    if mt.integer("rank", 1, 1 << 20) != rank:
+        raise BadReply(f"rank {mt.values['rank']} differs from the client's assigned rank {rank}")
     expected = {f"{m}:{p}" for m in server.dims for p in parts}
     extra = sorted(set(arrays) - expected)
     if extra:
         what = "its own A (A is shared and never sent)" if "A" not in parts and any(k.endswith(":A") for k in extra) \
             else f"unexpected arrays {[k[:60] for k in extra[:2]]} (this round it sends {', '.join(parts)})"
         raise BadReply(f"the reply carries {what}")
-    meta = content["lora-meta"] if "lora-meta" in content else None
+    meta = record(content, "lora-meta", ConfigRecord, default=None)
     scale = cfg.lora.scale(rank)
-    if isinstance(meta, ConfigRecord) and "scales" in meta:
-        declared = meta["scales"]
-        if not isinstance(declared, list) or any(isinstance(x, bool) or not isinstance(x, (int, float))
-                                                 or not math.isclose(float(x), scale, rel_tol=1e-6) for x in declared):
+    if meta is not None and "scales" in meta:
+        declared = Fields(meta, "lora-meta").numbers("scales", len(server.dims))
+        if any(not math.isclose(x, scale, rel_tol=1e-6) for x in declared):
             raise BadReply(f"declared LoRA scale differs from the server's {scale} for rank {rank}")
     ref = server.sent_factors(client_id)  # what it was sent: every part it does not send stays that
     factors, nbytes_lora = {}, 0
@@ -259,29 +230,27 @@ def _decode_update(content: RecordDict, server, client_id: int) -> UpPayload:
         nbytes_lora += sum(int(a.size) * WIRE_DTYPE().itemsize for a in sent.values())
         f = strategy.from_parts(m, sent, ref[m])
         factors[m] = LoraFactors(A=f.A, B=f.B, scale=scale)
-    head_record = content["head"] if "head" in content else ArrayRecord()
-    if not isinstance(head_record, ArrayRecord):
-        raise BadReply("head is not an array record")
+    head_record = record(content, "head", ArrayRecord, default=ArrayRecord())
     if set(head_record) != set(server.head):
         raise BadReply(f"head keys {sorted(head_record)[:3]} differ from the server's {sorted(server.head)[:3]}")
     head = {k: _expected_array(head_record, k, h.shape) for k, h in server.head.items()}
     privacy: dict = {}
     if server.mechanism.client_reports:
-        record = content["privacy"] if "privacy" in content else None
-        text = record.get("report") if isinstance(record, ConfigRecord) else None
-        if not isinstance(text, str) or len(text) > MAX_REPORT:
-            raise BadReply("privacy report missing, not text, or too large")
-        try:
-            privacy = json.loads(text)
-        except (ValueError, RecursionError):
-            raise BadReply("privacy report is not valid JSON (or nested too deep)") from None
-    next_rank = _bounded_int(mt, "next-rank", -1, rank) if "next-rank" in mt else -1
+        privacy = Fields(record(content, "privacy", ConfigRecord), "privacy").json("report", MAX_REPORT)
+        if not isinstance(privacy, dict):
+            raise BadReply("privacy report is not an object")
+    next_rank = mt.integer("next-rank", -1, rank, default=-1)
+    checked = {
+        "client-id": client_id, "rank": rank, "num-examples": mt.integer("num-examples", 1, MAX_EXAMPLES),
+        "train-loss": mt.number("train-loss"), "steps": mt.integer("steps", 0, 10**9),
+        "samples": mt.integer("samples", 0, 10**12), "train-s": mt.number("train-s", 0.0),
+        "next-rank": next_rank, "base-count": mt.integer("base-count", 0, 10**6, default=0),
+        "setup-s": mt.number("setup-s", 0.0, default=0.0),
+    }
     update = Update(
-        client_id=client_id, rank=rank, factors=factors, head=head,
-        num_examples=_bounded_int(mt, "num-examples", 1, 10**9), train_loss=_finite_float(mt, "train-loss"),
-        steps=_bounded_int(mt, "steps", 0, 10**9), samples=_bounded_int(mt, "samples", 0, 10**12),
-        train_s=max(0.0, _finite_float(mt, "train-s")), next_rank=None if next_rank <= 0 else next_rank,
-        privacy=privacy,
+        client_id=client_id, rank=rank, factors=factors, head=head, num_examples=checked["num-examples"],
+        train_loss=checked["train-loss"], steps=checked["steps"], samples=checked["samples"],
+        train_s=checked["train-s"], next_rank=None if next_rank <= 0 else next_rank, privacy=privacy,
     )
     nbytes_head = sum(int(h.size) * WIRE_DTYPE().itemsize for h in head.values())
-    return UpPayload(update, nbytes_lora + nbytes_head, nbytes_head, mt)
+    return UpPayload(update, nbytes_lora + nbytes_head, nbytes_head, checked)

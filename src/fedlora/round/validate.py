@@ -64,7 +64,13 @@ def update_defect(server, u: Update) -> str | None:
             return f"next rank {u.next_rank!r} is not an integer in 1..{rank}"
         if u.next_rank != rank and not server.strategy.clients_change_rank:
             return f"next rank {u.next_rank}: {server.strategy.name} clients keep their rank"
-    return server.mechanism.check_report(u, server.privacy.get(u.client_id))
+    return None
+
+
+def verified_report(server, u: Update, round_idx: int) -> dict | str | None:
+    """The client's privacy report as the server verified it, or why it is refused (None: no reports)."""
+    return server.mechanism.check_report(u, server.privacy.get(u.client_id), server.client_sizes[u.client_id],
+                                         round_idx)
 
 
 def bounded_weight(server, u: Update) -> int:
@@ -88,11 +94,15 @@ class Validate(Stage):
                 reason = "a second update from this client this round"
             if reason is None and u.client_id not in ctx.sampled:
                 reason = "this client was not sampled this round"
+            report = verified_report(server, u, ctx.round) if reason is None else None
+            if isinstance(report, str):
+                reason = report
             if reason:
                 ctx.rejected[u.client_id if isinstance(u.client_id, int) else -1] = reason
                 continue
             seen.add(u.client_id)
-            ctx.contributors.append(replace(server.as_sent(u), num_examples=bounded_weight(server, u)))
+            ctx.contributors.append(replace(server.as_sent(u), num_examples=bounded_weight(server, u),
+                                            privacy=report if report is not None else {}))
 
 
 class CheckMembers(Stage):
@@ -104,16 +114,20 @@ class CheckMembers(Stage):
     def run(self, server, ctx: RoundContext) -> None:
         if ctx.summed is None:
             return
-        members, bad = ctx.summed.members, {}
+        members, bad, checked = ctx.summed.members, {}, []
         for u in members:
             ok_id = isinstance(u.client_id, int) and 0 <= u.client_id < len(server.client_ranks)
             rank = server.expected_rank(u.client_id) if ok_id else None
             why = ("unknown client id" if not ok_id else
                    "not sampled this round" if u.client_id not in ctx.sampled else
-                   f"rank {u.rank} differs from its assigned rank {rank}" if u.rank != rank else
-                   server.mechanism.check_report(u, server.privacy.get(u.client_id)))
+                   f"rank {u.rank} differs from its assigned rank {rank}" if u.rank != rank else None)
+            report = verified_report(server, u, ctx.round) if why is None else None
+            if isinstance(report, str):
+                why = report
             if why:
                 bad[u.client_id] = why
+            else:
+                checked.append(replace(u, privacy=report if report is not None else {}))
         if len({u.client_id for u in members}) != len(members):
             bad[-1] = "a client appears twice in the sum"
         if bad:
@@ -121,7 +135,7 @@ class CheckMembers(Stage):
                           + "; ".join(f"client {c}: {r}" for c, r in sorted(bad.items())) + ")")
             ctx.rejected.update(bad)
             return
-        ctx.contributors = list(members)
+        ctx.contributors = checked
 
 
 def require_enough(server, ctx: RoundContext) -> None:

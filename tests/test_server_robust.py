@@ -351,3 +351,32 @@ def test_round_failed_when_too_few_valid_updates_remain():
     ups = [honest_update(server, 0, rng)]
     with pytest.raises(RoundFailed, match="min_clients=2"):
         server.finish_round(ups, [0, 1])
+
+
+def test_forged_privacy_reports_are_refused_on_the_round_path_and_the_server_logs_its_own_epsilon(tmp_path):
+    """Sample-level DP: the server recomputes each client's epsilon from its reported history at the (sigma, q)
+    the config gives it; a forged claim is refused with the server's value, the row logs the server's epsilon,
+    and only the verified report reaches the checkpoint (which reads back as data, markers included)."""
+    from fedlora.checkpoint import load_checkpoint, save_checkpoint
+
+    server = make_server("ffa", "privacy.mode=sample", "privacy.epsilon=3")
+    rng = np.random.default_rng(0)
+    updates = []
+    for c in range(4):
+        u = honest_update(server, c, rng)
+        u.privacy = honest_report(server, c)
+        updates.append(u)
+    true_eps = updates[0].privacy["epsilon"]
+    updates[1].privacy = {**updates[1].privacy, "epsilon": 0.001}  # a forged claim
+    updates[2].privacy = {**updates[2].privacy, "__array__": "a0"}  # a checkpoint marker smuggled in
+    hist = updates[3].privacy["accountant"]["history"]
+    updates[3].privacy = {**updates[3].privacy, "accountant": {"kind": "rdp", "history": [[h[0], 1.5, h[2]] for h in hist]}}
+    outcome = server.finish_round(updates, [0, 1, 2, 3])
+    assert "epsilon" in outcome.rejected[1] and f"{true_eps:.3g}"[:3] in outcome.rejected[1]
+    assert 3 in outcome.rejected and set(outcome.trained) == {0, 2}
+    assert set(server.privacy[2]) == {"epsilon", "noise_multiplier", "sample_rate", "dp_steps", "accountant"}
+    assert server.mechanism.metrics(server.privacy)["epsilon"] == pytest.approx(true_eps, rel=1e-6)
+    save_checkpoint(tmp_path / "ck", {"server": server.state_dict()})
+    again = make_server("ffa", "privacy.mode=sample", "privacy.epsilon=3")
+    again.load_state_dict(load_checkpoint(tmp_path / "ck")["server"])
+    assert again.privacy == server.privacy

@@ -192,7 +192,8 @@ def checked(cfg: ExperimentConfig, strategy=None) -> ExperimentConfig:
         if why:
             raise ConfigError(why)
         if cfg.engine != "local" and type(strategy) is not type(get_strategy(cfg.strategy.name)):
+            given = strategy.name or type(strategy).__name__
             raise ConfigError(f"engine={cfg.engine} builds the strategy on every node from strategy.name "
-                              f"({cfg.strategy.name!r}), not from the instance given ({strategy.name or type(strategy).__name__}): "
+                              f"({cfg.strategy.name!r}), not from the instance given ({given}): "
                               "register its class and name it in strategy.name, or use engine=local")
     return cfg

@@ -15,7 +15,6 @@ from __future__ import annotations
 from fedlora.engines import flower_env  # noqa: F401  (before flwr: no telemetry, no update check)
 
 import json
-import math
 import time
 from types import SimpleNamespace
 
@@ -24,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedlora import secagg
+from fedlora.engines.flower_replies import BadReply, decode_member
 from fedlora.client import Update
 
 SECAGG_INS = "fedlora.secagg"  # the round's SecAgg parameters in a train instruction (width, coef, max-weight)
@@ -129,30 +129,10 @@ class _SumTaker:
         return None, {}
 
 
-def _member(c: int, fitres, reports: bool, max_weight: float) -> Update:
-    """A contributor's metadata (no factors) from its FitRes metrics; ValueError if malformed."""
-    m = fitres.metrics
-
-    def num(key, integer=False):
-        x = m.get(key)
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or (integer and x != int(x)):
-            raise ValueError(f"client {c}: metric {key} = {str(x)[:30]} is not a finite number")
-        return int(x) if integer else float(x)
-
-    if num("client-id", True) != c:
-        raise ValueError(f"client {c}: its reply claims client {m.get('client-id')}")
-    privacy = {}
-    if reports:
-        text = m.get("privacy")
-        if not isinstance(text, str) or len(text) > 1 << 20:
-            raise ValueError(f"client {c}: privacy report missing or too large")
-        privacy = json.loads(text)
-    # The weight SecAgg+ summed with is the client's own claim: bounded as the mod bounds it (RBLA's per-slot
-    # means read it again).
-    weight = int(min(max(1, int(fitres.num_examples)), max_weight))
-    return Update(client_id=c, rank=num("rank", True), factors={}, head={}, num_examples=weight,
-                  train_loss=num("train-loss"), steps=max(0, num("steps", True)), samples=max(0, num("samples", True)),
-                  train_s=max(0.0, num("train-s")), privacy=privacy)
+def _as_update(m) -> Update:
+    """A checked contributor's metadata as the Update the server's round reads (no factors, no head)."""
+    return Update(client_id=m.client_id, rank=m.rank, factors={}, head={}, num_examples=m.num_examples,
+                  train_loss=m.train_loss, steps=m.steps, samples=m.samples, train_s=m.train_s, privacy=m.privacy)
 
 
 def secure_round(transport, run, clients: list[int]):
@@ -217,18 +197,20 @@ def secure_round(transport, run, clients: list[int]):
         replies.failed = (f"secure aggregation halted: {len(contributed)} of {len(nodes)} clients sent a masked "
                           f"update, too few to unmask (privacy.secagg_threshold={cfg.privacy.secagg_threshold})")
         return replies
-    try:
-        members = [_member(nodes[node], fitres, server.mechanism.client_reports, plan.max_weight)
-                   for node, fitres in sorted(contributed.items(), key=lambda kv: nodes[kv[0]])]
+    try:  # every field of every contributor's metadata is checked (decode_member); the sum's layout too
+        checked = {node: decode_member(fitres.metrics, fitres.num_examples, nodes[node],
+                                       server.expected_rank(nodes[node]), server.mechanism.client_reports,
+                                       plan.max_weight)
+                   for node, fitres in contributed.items()}
+        members = [_as_update(checked[node]) for node in sorted(checked, key=lambda n: nodes[n])]
         summed = secagg.summed_round(server, plan, mean, members)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (BadReply, ValueError) as exc:  # a member's metadata, or a sum without the round's layout
         replies.failed = f"secure aggregation: {one_line(str(exc))}"
         return replies
-    for node, fitres in contributed.items():
-        transport.acked[node] = int(min(max(0, int(fitres.metrics.get("base-count", 0) or 0)), len(transport.base_log)))
-    replies.extra.update(
-        client_setup_s=sum(float(f.metrics.get("setup-s", 0.0) or 0.0) for f in contributed.values()),
-        secagg_clipped=sum(int(f.metrics.get("secagg-clipped", 0) or 0) for f in contributed.values()))
+    for node, m in checked.items():
+        transport.acked[node] = min(m.base_count, len(transport.base_log))
+    replies.extra.update(client_setup_s=sum(m.setup_s for m in checked.values()),
+                         secagg_clipped=sum(m.clipped for m in checked.values()))
     head = sum(int(np.prod(np.shape(h))) for h in server.head.values())
     replies.traffic = (grid.bytes_up, 8 * head * len(members), grid.bytes_down)
     replies.summed = summed

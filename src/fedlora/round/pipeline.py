@@ -1,6 +1,7 @@
 """The server's round as one ordered pipeline, built once from the run's config and privacy mechanism:
 
-    plain:        validate → own-norm-bound → [median-bound] → weighted-mean | robust-center → aggregate → commit
+    plain:        validate → own-norm-bound → [median-bound] → weighted-mean | robust-center → aggregate
+                  → commit
     client DP:    validate → own-norm-bound → client-dp → aggregate → commit
     SecAgg:       check-members → secure-mean → aggregate → commit
     SecAgg + DP:  check-members → client-dp → aggregate → commit

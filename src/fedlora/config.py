@@ -339,6 +339,24 @@ class OutputConfig(_Section):
     name: str | None = None  # run folder name; default: <strategy>-<timestamp>
     save_adapter: bool = True
     progress: bool = True
+    # Experiment trackers fed with every round's metrics row, on the server only (fedlora.tracking); each is an
+    # optional extra (pip install 'fedlora[tensorboard]'). Nothing is opened by default.
+    report_to: list[str] = Field(default_factory=list)
+    # Under DP (privacy.mode != none), fields computed from individual clients (their losses, update norms,
+    # who took part) stay in metrics.jsonl and are not sent to a tracker, unless this is true.
+    report_per_client: bool = False
+    # Keep every round's global adapter (rounds/round-NNNN.safetensors, its sha256 in that metrics row).
+    keep_rounds: bool = False
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v):
+        from fedlora.tracking import available_trackers
+
+        unknown = [t for t in v if t not in available_trackers()]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}; available: {', '.join(available_trackers())}")
+        return list(dict.fromkeys(v))  # once each, in the order given
 
 
 class ExperimentConfig(_Section):

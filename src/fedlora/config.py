@@ -348,6 +348,12 @@ class OutputConfig(_Section):
     # Keep every round's global adapter (rounds/round-NNNN.safetensors, its sha256 in that metrics row).
     keep_rounds: bool = False
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        # `output.report_to=tensorboard,mlflow` on the command line: a bare word is one string.
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
     @field_validator("report_to")
     @classmethod
     def _known_trackers(cls, v):

@@ -167,12 +167,12 @@ def test_user_errors_are_one_line_exit_2_and_bugs_exit_1_with_traceback(monkeypa
         assert "Traceback" in err and "a bug" in err
 
 
-def test_the_readme_method_table_is_the_registry():
+def test_the_docs_method_table_is_the_registry():
     from pathlib import Path
 
     from fedlora.strategies.registry import METHOD_TABLE_HEADER, method_table_rows
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
     lines = readme.splitlines()
     header = METHOD_TABLE_HEADER.splitlines()
     at = lines.index(header[0])

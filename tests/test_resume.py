@@ -30,6 +30,7 @@ from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
 from fedlora.runner import run_experiment
 from fedlora.strategies import LoraFactors
+from fedlora.verify_run import verify_run
 
 TINY = [
     "federation.num_clients=3", "federation.local_steps=2", "federation.batch_size=8", "privacy.batch_size=8",
@@ -104,6 +105,8 @@ def assert_same_run(resumed: Path, reference: Path, rounds: int, context) -> Non
         assert np.max(np.abs(a[k].astype(np.float64) - b[k])) <= 1e-6, (k, context)
     rows, ref = read_metrics(resumed), read_metrics(reference)
     assert [r["round"] for r in rows] == list(range(1, rounds + 1)), context  # each round exactly once
+    # Digests, kept rounds and the adapter's manifest agree across the kill (the state came back exactly).
+    assert verify_run(resumed).startswith("ok: "), context
     for x, y in zip(rows, ref):
         assert x["clients"] == y["clients"] and x["sampled"] == y["sampled"], context
         assert x["eval_loss"] == pytest.approx(y["eval_loss"], abs=1e-6), (x["round"], context)
@@ -126,7 +129,7 @@ def assert_same_run(resumed: Path, reference: Path, rounds: int, context) -> Non
 
 
 CASES = {
-    "plain": (4, []),
+    "plain": (4, ["output.keep_rounds=true"]),
     # Two of three clients a round and simulated failures: the sampler's RNG must continue where it stopped.
     # (Reproducible noise: the killed run is compared with a separate uninterrupted one, which must draw the same
     # noise; the default OS-entropy noise is checked by test_resume_is_exact_with_os_entropy_noise.)
@@ -176,7 +179,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(case, tmp_path):
         # Killed after the last round's checkpoint, before the adapter and summary: resume only exports.
         cut = tmp_path / "cut"
         (cut / "checkpoint").mkdir(parents=True)
-        for name in ("config.toml", "metrics.jsonl", f"checkpoint/{CHECKPOINT_FILE}"):
+        (cut / "rounds").mkdir()
+        kept = [f"rounds/round-{r:04d}.safetensors" for r in range(1, rounds + 1)]
+        for name in ("config.toml", "metrics.jsonl", f"checkpoint/{CHECKPOINT_FILE}", *kept):
             (cut / name).write_bytes((reference / name).read_bytes())
         execute(Run.resume(cut, RunProgress(enabled=False)))
         assert_same_run(cut, reference, rounds, "resumed from the final checkpoint")

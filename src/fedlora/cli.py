@@ -1,4 +1,4 @@
-"""`fedlora run | resume | bench | report | generate`: parse, validate, call the library.
+"""`fedlora run | resume | bench | report | generate | verify | export-metrics`: parse, validate, call the library.
 
 User errors (bad config, bad value, missing file: `fedlora.errors.UserError`, and OSError) print one line on
 stderr and exit 2, never a traceback. Anything else is a bug: its traceback, a line saying so, exit 1.
@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("run_dir")
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
+
+    verify = sub.add_parser("verify", help="check a run's or an adapter's files against its manifest and metrics")
+    verify.add_argument("path", help="a run folder or an adapter folder")
+
+    export = sub.add_parser("export-metrics", help="replay a run's metrics.jsonl into experiment trackers")
+    export.add_argument("run_dir")
+    export.add_argument("--to", required=True, help="tracker(s), comma separated: tensorboard, mlflow, trackio, wandb")
+    export.add_argument("--per-client", action=argparse.BooleanOptionalAction, default=None,
+                        help="send per-client fields under DP too (default: the run's output.report_per_client)")
 
     report = sub.add_parser("report", help="compare run folders: report.md and plots")
     report.add_argument("run_dirs", nargs="+")
@@ -123,8 +132,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from fedlora.verify_run import verify_path
+
+    print(verify_path(args.path))  # a failure is a UserError: one line, exit 2
+    return 0
+
+
+def cmd_export_metrics(args) -> int:
+    from fedlora.tracker_replay import export_metrics
+
+    to = [t.strip() for t in args.to.split(",") if t.strip()]
+    n = export_metrics(Path(args.run_dir), to, per_client=args.per_client)
+    print(f"{n} rounds of {args.run_dir} sent to {', '.join(to)}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "bench": cmd_bench,
-            "generate": cmd_generate}
+            "generate": cmd_generate, "verify": cmd_verify, "export-metrics": cmd_export_metrics}
 
 
 BUG_LINE = ("fedlora: internal error (a bug, not a mistake in your config): please report it with the "

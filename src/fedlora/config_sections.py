@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from fedlora.architectures import EMBEDDED_MODEL
 from fedlora.strategies import INTERNAL_OPTIONS, available_strategies, validate_options
+from fedlora.tracking import available_trackers
 
 class _Section(BaseModel):
     # allow_inf_nan=False: bounds like gt=0 reject nan but let inf through (lr=inf, epsilon=inf).
@@ -334,3 +335,25 @@ class OutputConfig(_Section):
     name: str | None = None  # run folder name; default: <strategy>-<timestamp>
     save_adapter: bool = True
     progress: bool = True
+    # Experiment trackers fed with every round's metrics row, on the server only (fedlora.tracking); each is an
+    # optional extra (pip install 'fedlora[tensorboard]'). Nothing is opened by default.
+    report_to: list[str] = Field(default_factory=list)
+    # Under DP (privacy.mode != none), fields computed from individual clients (their losses, update norms,
+    # who took part) stay in metrics.jsonl and are not sent to a tracker, unless this is true.
+    report_per_client: bool = False
+    # Keep every round's global adapter (rounds/round-NNNN.safetensors, its sha256 in that metrics row).
+    keep_rounds: bool = False
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        # `output.report_to=tensorboard,mlflow` on the command line: a bare word is one string.
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v):
+        unknown = [t for t in v if t not in available_trackers()]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}; available: {', '.join(available_trackers())}")
+        return list(dict.fromkeys(v))  # once each, in the order given

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora import lora
+from fedlora import adapter_digest, lora
 from fedlora.encoding import EncodedData, FederatedData  # noqa: F401  (re-exported)
 from fedlora.config import ExperimentConfig
 from fedlora.strategies import LoraFactors
@@ -58,9 +58,11 @@ def export_adapter(
     """
     from peft import get_peft_model
 
-    from fedlora.host import lora_config
+    from fedlora.host import lora_config, resolve_model_path
     from fedlora.tasks import get_task
+    from fedlora.verify import base_identity, write_manifest
 
+    global_sha = adapter_digest.digest(adapter_digest.global_tensors(factors, head, base_delta))
     if base_delta:
         total = {n: base_delta.get(n, 0) + f.delta() for n, f in factors.items()}
         low = {n: dense_to_factors(d) for n, d in total.items()}
@@ -84,6 +86,9 @@ def export_adapter(
     (path / "fedlora.json").write_text(
         json.dumps({**task.export_meta(cfg, label_names), "rank": rank, "strategy": cfg.strategy.name}, indent=2)
     )
+    # Last: the manifest hashes every file above (fedlora verify, load_exported_model check it).
+    write_manifest(path, config_toml=cfg.to_toml(), global_sha256=global_sha,
+                   base=base_identity(cfg.model.name, resolve_model_path(cfg.model.name)))
 
 
 def metrics_row(
@@ -125,6 +130,9 @@ def metrics_row(
         "samples_per_s": samples / train_s if train_s > 0 else None,
         "wall_s": wall_s,
     }
+    if "update_norms" in outcome.extra:  # each client's change (L2 of what it sent), as the server measured it
+        row["update_norms"] = outcome.extra["update_norms"]
+    row.update(adapter_digest.round_fields(server))  # the global model this round released: digest, norm
     row.update(server.mechanism.metrics(server.privacy))
     return row
 

@@ -162,7 +162,7 @@ class Run:
         if self._resume_state is not None:
             transport.load_state_dict(self._resume_state.get("transport", {}))
         transport.open(self)
-        writer = MetricsWriter(self.run_dir, truncate_after_round=server.round)
+        writer = MetricsWriter(self.run_dir, truncate_after_round=server.round, cfg=cfg, server=server)
         if self.before is None:
             # A fresh run in a folder that held another run: a kill before round 1 ends must not leave that
             # run's checkpoint for `fedlora resume` to mix into this one.

@@ -20,13 +20,22 @@ from fedlora.models import (  # noqa: F401  (re-exported: callers that need both
 from fedlora.tasks import get_task
 
 
-def load_exported_model(adapter_dir: str | Path) -> torch.nn.Module:
-    """The global model of a run folder's `adapter/`: the base as the run built it (pooling too) + the adapter."""
+def load_exported_model(adapter_dir: str | Path, verify: bool = True) -> torch.nn.Module:
+    """The global model of a run folder's `adapter/`: the base as the run built it (pooling too) + the adapter.
+
+    `verify`: refuse (one-line UserError) an adapter whose files differ from its manifest.json, or a base model
+    whose files differ from the one it was trained on (fedlora.verify)."""
     import json
 
     from peft import PeftModel
 
+    from fedlora.verify import check_base, verify_adapter
+
+    if verify:
+        manifest = verify_adapter(adapter_dir)
     meta = json.loads((Path(adapter_dir) / "fedlora.json").read_text())
+    if verify:
+        check_base(manifest, resolve_model_path(meta.get("model", "")))
     base = get_task(meta.get("task", "classification")).load_exported(meta)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 

@@ -140,12 +140,12 @@ def get_strategy(name: str, **options) -> Strategy:
     return cls(**internal, **user)
 
 
-METHOD_TABLE_HEADER = ("| method | exact | linear in what is sent (client-DP noise once on the sum) | mixed ranks "
+METHOD_TABLE_HEADER = ("| method | exact | linear in what is sent (client-level DP, SecAgg) | mixed ranks "
                        "| sample-level DP | trains | up | down | kept on the client |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def method_table_rows() -> list[str]:
-    """The README's method table, one markdown row per registered method, from the classes' own declarations
+    """The docs/methods.md's table, one markdown row per registered method, from the classes' own declarations
     (flags and `roles` of rounds 1 and 2: a method whose roles alternate shows both)."""
     yes = lambda b: "yes" if b else "no"  # noqa: E731
 

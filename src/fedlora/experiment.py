@@ -58,7 +58,7 @@ def export_adapter(
     """
     from peft import get_peft_model
 
-    from fedlora.host import lora_config, resolve_model_path
+    from fedlora.host import adapter_options, lora_config, resolve_model_path
     from fedlora.tasks import get_task
     from fedlora.verify import base_identity, write_manifest
 
@@ -78,7 +78,7 @@ def export_adapter(
         lcfg = cfg
     task = get_task(cfg.task)
     base = task.base_model(cfg, len(label_names))
-    model = get_peft_model(base, lora_config(lcfg, rank))
+    model = get_peft_model(base, lora_config(lcfg, rank, adapter_options(lcfg, base)))
     lora.set_factors(model, "default", lora.with_scale(factors, lcfg.lora.scale(rank)))
     if head:
         lora.set_head(model, "default", head)

@@ -44,15 +44,23 @@ def adapter_name(rank: int) -> str:
     return f"r{rank}"
 
 
-def lora_config(cfg: ExperimentConfig, rank: int):
+def adapter_options(cfg: ExperimentConfig, base: torch.nn.Module) -> dict:
+    """The LoraConfig arguments that depend on the model, not the rank: the target modules (lora.targets, else
+    the architecture's defaults, found in `base`'s module tree when its type is not enough), the head trained
+    beside LoRA and PEFT's task type. Read from `base` before PEFT wraps it."""
+    return {"target_modules": list(cfg.lora.targets or default_targets(cfg.model.name, base)),
+            **get_task(cfg.task).lora_options(cfg, base)}
+
+
+def lora_config(cfg: ExperimentConfig, rank: int, options: dict):
     from peft import LoraConfig
 
     return LoraConfig(
         r=rank,
-        target_modules=list(cfg.lora.targets or default_targets(cfg.model.name)),
         lora_dropout=0.0,
         **cfg.lora.peft_scaling(rank),  # lora_alpha, use_rslora: PEFT's scale equals cfg.lora.scale(rank)
-        **get_task(cfg.task).lora_options(cfg),  # the head trained beside LoRA, PEFT's task type
+        # fresh lists: PEFT's sequence-classification model extends modules_to_save in place
+        **{k: list(v) if isinstance(v, list) else v for k, v in options.items()},
     )
 
 
@@ -67,9 +75,11 @@ class ModelHost:
         self.tokenizer = load_tokenizer(cfg.model.name)
         base = place(self.task.base_model(cfg, num_labels), cfg)
         self.device = model_device(base)
+        self.options = adapter_options(cfg, base)
         ranks = sorted(set(ranks))
         try:
-            self.model = get_peft_model(base, lora_config(cfg, ranks[-1]), adapter_name=adapter_name(ranks[-1]))
+            self.model = get_peft_model(base, lora_config(cfg, ranks[-1], self.options),
+                                        adapter_name=adapter_name(ranks[-1]))
         except ValueError as exc:
             raise UserError(f"cannot attach LoRA to {cfg.model.name!r}: {exc}") from None
         self.model.eval()
@@ -83,7 +93,7 @@ class ModelHost:
         """Add an adapter for `rank` on first use (HetLoRA clients shrink their rank during a run)."""
         name = adapter_name(rank)
         if rank not in self.ranks:
-            self.model.add_adapter(name, lora_config(self.cfg, rank))
+            self.model.add_adapter(name, lora_config(self.cfg, rank, self.options))
             self.ranks.add(rank)
             if self.cfg.model.dtype == "float64":
                 self.model.double()  # PEFT makes adapters float32; a float64 model is float64 throughout

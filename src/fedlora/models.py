@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fedlora.errors import UserError
+from fedlora.heads import masked_mean, mean_pooled  # noqa: F401  (masked_mean re-exported)
 from fedlora.config import EMBEDDED_LLM, EMBEDDED_MODEL, ExperimentConfig
 from fedlora.devices import model_device, to_device  # noqa: F401  (re-exported)
 
@@ -108,72 +109,48 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_model_path(name), local_files_only=True)
 
 
-def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the positions where `mask` is 1 (an all-padding row gives 0, not NaN)."""
-    mask = mask.to(hidden_states.dtype).unsqueeze(-1)
-    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+def _auto_config(name: str, path: str):
+    """The model's transformers config; one line when it cannot be read."""
+    from transformers import AutoConfig
 
-
-class MaskedMeanPooler(torch.nn.Module):
-    """Stands in for a BERT-style pooler: the attention-masked mean of the last hidden states.
-
-    transformers passes a pooler only the hidden states, so the encoder's attention mask of the same forward
-    call is handed over by a forward pre-hook on the encoder (`use_mean_pooling`). Padding therefore never
-    changes a sequence's features. No parameters: nothing to train, send or privatise.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mask: torch.Tensor | None = None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        mask = self.mask
-        self.mask = None  # one forward call only: a stale mask must never meet another batch
-        return hidden_states.mean(dim=1) if mask is None else masked_mean(hidden_states, mask)
-
-
-def _attention_mask_to_pooler(pooler: MaskedMeanPooler):
-    def hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1:  # encoder(input_ids, attention_mask, ...)
-            mask = args[1]
-        pooler.mask = mask
-
-    return hook
-
-
-def use_mean_pooling(model: torch.nn.Module, name: str) -> None:
-    """Replace the encoder's pooler of a sequence-classification model by `MaskedMeanPooler`, in place."""
-    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if encoder is None or getattr(encoder, "pooler", None) is None:
-        raise UserError(
-            f"model.pooling=mean needs a BERT-style model whose classifier reads a pooler; {name!r} "
-            f"({type(model).__name__}) has none: use model.pooling=cls"
-        )
-    pooler = MaskedMeanPooler()
-    encoder.pooler = pooler
-    encoder.register_forward_pre_hook(_attention_mask_to_pooler(pooler), with_kwargs=True)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except OSError as exc:
+        raise UserError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # e.g. a model type this transformers does not know (remote code never runs)
+        raise UserError(f"transformers cannot read the config of {name!r}: {str(exc).splitlines()[0]}") from None
 
 
 def load_base_model(name: str, num_labels: int, seed: int, pooling: str = "mean") -> torch.nn.Module:
     """Sequence-classification model; the new head is initialised from `seed` so every run agrees.
 
-    `pooling` is what the head reads (config `model.pooling`): "mean" swaps in `MaskedMeanPooler`, "cls"
-    keeps the model's own pooler.
+    `pooling` is what the head reads (config `model.pooling`, fedlora.heads): "mean" puts fedlora's head (the
+    masked mean of the last hidden states, one Linear) on the model's encoder, "cls" keeps the model's own head.
+    The mean head needs no classification model from transformers: an architecture without one (Granite,
+    CodeGen, ...) is loaded bare.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING, AutoModel,
+                              AutoModelForSequenceClassification)
 
+    if pooling not in ("mean", "cls"):
+        raise UserError(f"model.pooling must be 'mean' or 'cls', got {pooling!r}")
     _quiet_transformers()
+    path = resolve_model_path(name)
+    config = _auto_config(name, path)
+    if type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        auto, extra = AutoModelForSequenceClassification, {"num_labels": num_labels}
+    elif pooling == "mean" and type(config) in MODEL_MAPPING:
+        auto, extra = AutoModel, {}
+    else:
+        raise UserError(f"{name!r} (model_type {config.model_type!r}) has no sequence-classification model in "
+                        f"transformers" + (": use model.pooling=mean" if type(config) in MODEL_MAPPING else ""))
     torch.manual_seed(seed)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=num_labels,
-                                                                   local_files_only=True)
+        model = auto.from_pretrained(path, local_files_only=True, **extra)
     except OSError as exc:
         raise UserError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
     if pooling == "mean":
-        use_mean_pooling(model, name)
-    elif pooling != "cls":
-        raise UserError(f"model.pooling must be 'mean' or 'cls', got {pooling!r}")
+        model = mean_pooled(model, name, num_labels, seed)
     model.eval()  # dropout off: LoRA training here is deterministic and DP-SGD needs no dropout
     return model
 
@@ -181,9 +158,13 @@ def load_base_model(name: str, num_labels: int, seed: int, pooling: str = "mean"
 def load_causal_lm(name: str, seed: int, quantization=None, dtype: str = "float32") -> torch.nn.Module:
     """A causal LM, eval mode (no dropout: deterministic training, and DP-SGD needs none). `quantization`: a
     bitsandbytes config (`quantization_config(cfg)`), which loads the base 4/8-bit onto the GPU."""
-    from transformers import AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
     _quiet_transformers()
+    config = _auto_config(name, resolve_model_path(name))
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"{name!r} (model_type {config.model_type!r}) has no causal-LM model in transformers: "
+                        f"task=causal-lm needs a decoder")
     torch.manual_seed(seed)
     extra = {"quantization_config": quantization, "device_map": {"": 0}} if quantization is not None else {}
     try:

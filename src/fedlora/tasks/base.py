@@ -48,8 +48,9 @@ class Task(ABC):
         builds the same."""
 
     @abstractmethod
-    def lora_options(self, cfg: "ExperimentConfig") -> dict[str, Any]:
-        """PEFT LoraConfig arguments of this task (task type, modules trained and sent beside LoRA)."""
+    def lora_options(self, cfg: "ExperimentConfig", base: "torch.nn.Module") -> dict[str, Any]:
+        """PEFT LoraConfig arguments of this task (task type, modules trained and sent beside LoRA), for the
+        `base_model` it built (before PEFT wraps it)."""
 
     @abstractmethod
     def export_meta(self, cfg: "ExperimentConfig", label_names: list[str]) -> dict[str, Any]:

@@ -219,7 +219,7 @@ class CausalLM(Task):
         self.tokenizer = load_tokenizer(cfg.model.name)
         return load_causal_lm(cfg.model.name, cfg.seed, quantization_config(cfg), cfg.model.dtype)
 
-    def lora_options(self, cfg) -> dict[str, Any]:
+    def lora_options(self, cfg, base) -> dict[str, Any]:
         # No head: the (tied) embeddings and the LM head stay frozen; only LoRA factors train and travel.
         return {"task_type": "CAUSAL_LM", "modules_to_save": None}
 

@@ -98,10 +98,14 @@ class SequenceClassification(Task):
 
         return load_base_model(cfg.model.name, num_outputs, cfg.seed, cfg.model.pooling)
 
-    def lora_options(self, cfg) -> dict[str, Any]:
-        # PEFT's SEQ_CLS task always adds the classifier to modules_to_save (a trainable copy), whatever is
-        # passed; a frozen head therefore needs the plain PeftModel, whose forward calls the base model as is.
-        return {"modules_to_save": ["classifier"] if cfg.lora.train_head else None,
+    def lora_options(self, cfg, base) -> dict[str, Any]:
+        # Every module of the head (one Linear, or RoBERTa's dense + out_proj, DistilBERT's pre_classifier +
+        # classifier) gets a trainable copy in modules_to_save. PEFT's SEQ_CLS task always adds `classifier` and
+        # `score` to it, whatever is passed; a frozen head therefore needs the plain PeftModel, whose forward
+        # calls the base model as is.
+        from fedlora.heads import head_module_names
+
+        return {"modules_to_save": head_module_names(base) if cfg.lora.train_head else None,
                 "task_type": "SEQ_CLS" if cfg.lora.train_head else None}
 
     def export_meta(self, cfg, label_names) -> dict[str, Any]:

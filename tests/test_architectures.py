@@ -17,6 +17,7 @@ import torch
 from fedlora import lora
 from fedlora.architectures import default_targets, known_targets, peft_lora_targets
 from fedlora.config import load_config
+from fedlora.engines import execute
 from fedlora.errors import UserError
 from tiny_models import MAX_PARAMS, minilm_tokenizer, save_tiny_model, tiny_size, write_csv
 
@@ -151,7 +152,7 @@ def test_default_config_trains_a_round_or_refuses_in_one_line(model_type, folder
     _buildable(model_type)
     cfg = run_config(folders(model_type), data_files["classification"], "output.save_adapter=false")
     try:
-        summary = Run(cfg, tmp_path).run()
+        summary = execute(Run(cfg, tmp_path))
     except UserError as exc:
         assert model_type in REFUSED, f"{model_type} refused: {exc}"
         assert REFUSED[model_type] in one_line_refusal(exc)
@@ -171,7 +172,7 @@ def test_decoders_train_a_causal_lm_round(model_type, folders, data_files, tmp_p
     _buildable(model_type, causal=True)
     cfg = run_config(folders(model_type, causal=True), data_files["causal-lm"], "task=causal-lm",
                      "output.save_adapter=false", "eval.max_new_tokens=2")
-    summary = Run(cfg, tmp_path).run()
+    summary = execute(Run(cfg, tmp_path))
     assert np.isfinite(summary["final_accuracy"])
 
 
@@ -208,10 +209,10 @@ def test_export_reloads_with_peft_and_reproduces_the_logged_score(model_type, po
     from peft import PeftModel
 
     from fedlora.checkpoint import load_checkpoint
-    from fedlora.client import evaluate_classifier
+    from fedlora.tasks.classification import evaluate_classifier
     from fedlora.experiment import prepare_data
     from fedlora.metrics import read_metrics
-    from fedlora.models import load_base_model, load_exported_model, load_tokenizer
+    from fedlora.host import load_base_model, load_exported_model, load_tokenizer
     from fedlora.runner import run_experiment
 
     cfg = run_config(folders(model_type), data_files["classification"], f"model.pooling={pooling}",
@@ -248,7 +249,7 @@ def test_paper_ffa_roberta_config_trains_a_dp_round_on_a_roberta_folder(folders,
                              "privacy.local_steps=1", "privacy.batch_size=8", "output.save_adapter=false"])
     run = Run(cfg, tmp_path)
     start = {k: v.copy() for k, v in run.server.head.items()}
-    summary = run.run()
+    summary = execute(run)
     assert _head_modules(start) == {"classifier.dense", "classifier.out_proj"}
     assert all(not np.array_equal(run.server.head[k], v) for k, v in start.items())
     assert 0 < summary["final_epsilon"] <= 3.0 + 1e-6

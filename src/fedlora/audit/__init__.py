@@ -1,0 +1,1 @@
+"""Empirical privacy audits: canaries, their scores, and what the scores say about epsilon (`stats`)."""

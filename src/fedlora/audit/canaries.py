@@ -18,7 +18,6 @@ import numpy as np
 
 from fedlora.federated_run import RoundReplies, Run, Transport
 from fedlora.protocol import Update, contribution_coef, sent_tensors, slot_axes
-from fedlora.strategies import LoraFactors
 
 CANARY_SIZE = 100.0  # the canary's change in clip units before the clip (clipping then leaves exactly S)
 
@@ -91,8 +90,8 @@ def canary_update(server, client_id: int, vector: dict[str, np.ndarray], clip: f
             sent[p] = np.asarray(np.asarray(a, np.float64) + size * step, np.float32)
         factors[m] = server.strategy.from_parts(m, sent, f)
     new_head = {k: np.asarray(h + size * vector[f"head.{k}"] / norm, np.float32) for k, h in head.items()}
-    return Update(client_id, rank, {m: LoraFactors(A=f.A, B=f.B, scale=f.scale) for m, f in factors.items()},
-                  new_head, 1, 0.0, 1, 1, 0.0)  # one nominal example: client DP weighs clients alike
+    # One nominal example (the server refuses a count of 0); client-level DP weighs every client alike.
+    return Update(client_id, rank, factors, new_head, 1, 0.0, 1, 1, 0.0)
 
 
 class CanaryTransport(Transport):

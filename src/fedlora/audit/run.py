@@ -6,6 +6,11 @@ clients_per_round scaled to keep the sampling rate q, sigma as configured (or ca
 epsilon at that q); its accountant's epsilon is the one compared. Each of the N canaries is inserted on a fair
 coin (the coins of Steinke et al.'s bound); the unseen ones are never sent to anyone. The canaries never touch
 the real clients' data, and the audited run exports no adapter (it holds the canaries' changes).
+
+Why the coins may decide the population: Steinke et al.'s theorem needs a mechanism that is DP in each coin.
+Inserting canary i adds one client (independent Poisson sampling at rate q, the accountant's neighbouring
+relation). It also moves the fixed divisor m = q(K + k) by q, which scales every release by a common factor;
+the scores are cosines of the sum of releases, so they do not see it.
 """
 
 from __future__ import annotations
@@ -127,7 +132,8 @@ def _num(x) -> str:
 def write_audit(folder: Path, report: dict, final: np.ndarray, coins: np.ndarray, dim: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "audit.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    lb, lb_all, one = report["epsilon_lower_bound"], report["epsilon_lower_bound_all_iterates"], report["epsilon_one_shot"]
+    lb, lb_all = report["epsilon_lower_bound"], report["epsilon_lower_bound_all_iterates"]
+    one = report["epsilon_one_shot"]
     c = report["canaries"]
     lines = [
         "# Privacy audit (client-level DP)", "",

@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--per-client", action=argparse.BooleanOptionalAction, default=None,
                         help="send per-client fields under DP too (default: the run's output.report_per_client)")
 
+    aud = sub.add_parser("audit", help="one audited client-DP run with canaries: an empirical lower bound on epsilon")
+    aud.add_argument("items", nargs="*", help="[CONFIG.toml] key=value ...")
+    aud.add_argument("--canaries", type=int, default=500, help="canaries, each inserted on a fair coin (default 500)")
+    aud.add_argument("--out", help="run folder of the audited run (default: output.dir/<strategy>-<time>)")
+    aud.add_argument("--confidence", type=float, default=0.95, help="of the lower bound (default 0.95)")
+    aud.add_argument("--quiet", action="store_true", help="no progress output")
     report = sub.add_parser("report", help="compare run folders: report.md and plots")
     report.add_argument("run_dirs", nargs="+")
     report.add_argument("--out", default=None, help="folder for report.md (default: the first run folder)")
@@ -88,6 +94,20 @@ def cmd_run(args) -> int:
     from fedlora.runner import run_experiment  # torch and transformers: only when training
 
     run_experiment(cfg, out=args.out, quiet=args.quiet)
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from fedlora.config import load_config
+
+    config_path, overrides = _split_items(args.items)
+    cfg = load_config(config_path, overrides)
+    if not 0 < args.confidence < 1:
+        raise UserError(f"--confidence must be in (0, 1), got {args.confidence}")
+    from fedlora.audit.run import audit  # torch and transformers: only when training
+
+    result = audit(cfg, canaries=args.canaries, out=args.out, confidence=args.confidence, progress=not args.quiet)
+    print(result.audit_dir / "report.md")
     return 0
 
 
@@ -148,7 +168,7 @@ def cmd_export_metrics(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "bench": cmd_bench,
+COMMANDS = {"run": cmd_run, "audit": cmd_audit, "resume": cmd_resume, "report": cmd_report, "bench": cmd_bench,
             "generate": cmd_generate, "verify": cmd_verify, "export-metrics": cmd_export_metrics}
 
 

@@ -215,7 +215,7 @@ def test_mlflow_run_holds_metrics_jsonl_row_for_row(tiny_run):
 
 
 def test_verify_passes_then_fails_in_one_line_after_one_byte(tiny_run, tmp_path, capsys):
-    from fedlora.models import load_exported_model
+    from fedlora.host import load_exported_model
     from fedlora.verify import VerificationError
 
     _, tracked_run = tiny_run

@@ -190,3 +190,51 @@ def test_over_long_conversations_are_counted_not_trained(tmp_path, tokenizer):
     texts = to_records([{"text": "The cat sat on the mat."}, {"text": ""}], "text", cfg.data)
     enc, _ = encode_records(tokenizer, texts, 48)
     assert texts.bad == {"empty_text": 1} and enc.loss_mask[0].sum() == len(enc.input_ids[0]) - 1
+
+
+def _keyed(tmp_path, n_per_key=8, keys=("math", "code", "chat")):
+    rows = [{"messages": [{"role": "user", "content": f"{key} question {i}"},
+                          {"role": "assistant", "content": f"{key} answer {i}"}], "source": key}
+            for key in keys for i in range(n_per_key)]
+    rows.append({"messages": CONVERSATIONS[2]})  # no source: counted, not given to a client
+    return _jsonl(tmp_path / "keyed.jsonl", rows)
+
+
+@pytest.mark.slow
+def test_partition_by_a_key_column_gives_each_client_the_records_of_some_keys(tmp_path, tokenizer):
+    from fedlora.experiment import prepare_data
+
+    path = _keyed(tmp_path)
+    base = ["task=causal-lm", "data.name=jsonl", f"data.path={path}", "data.partition_column=source",
+            "federation.num_clients=3", "data.test_fraction=0.25"]
+    data = prepare_data(load_config(None, base + ["federation.partition=label-skew"]), tokenizer)
+    assert data.label_names == ["chat", "code", "math"]
+    assert "missing_partition_key=1" in data.load_summary and "unparseable_line=1" in data.load_summary
+    held_keys = []
+    for client, stats in zip(data.clients, data.partition_stats):
+        keys = {data.label_names[k] for k in client.labels}
+        # The records a client holds really come from the keys its labels say (the answer text names the key).
+        assert all(a.split()[0] == data.label_names[k] for a, k in zip(client.answers, client.labels))
+        assert len(keys) == 2 and sum(1 for c in stats["label_counts"] if c) == 2
+        held_keys.append(keys)
+    assert set().union(*held_keys) == {"chat", "code", "math"}
+    assert sum(len(c) for c in data.clients) + len(data.test) == 24
+    # Every key is in the held-out set (the split is stratified by key); iid mixes every key on every client.
+    assert set(data.test.labels.tolist()) == {0, 1, 2}
+    iid = prepare_data(load_config(None, base + ["federation.partition=iid"]), tokenizer)
+    assert all(len(set(c.labels.tolist())) == 3 for c in iid.clients)
+
+
+def test_key_partitions_need_trl_records_and_free_form_data_needs_a_key(tmp_path):
+    from fedlora.errors import UserError
+    from fedlora.tasks.causal_lm import CausalLM
+
+    classic = tmp_path / "pr.jsonl"
+    classic.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    cfg = load_config(None, ["task=causal-lm", "data.name=jsonl", f"data.path={classic}",
+                             "data.partition_column=source", "federation.partition=iid"])
+    with pytest.raises(UserError, match="partition_column applies to"):
+        CausalLM()._split(cfg)
+    cfg = load_config(None, ["task=causal-lm", "federation.partition=dirichlet"])
+    with pytest.raises(UserError, match="set data.partition_column"):
+        CausalLM()._partition(cfg, np.zeros(10, np.int64), ["any"], "records have no partition key")

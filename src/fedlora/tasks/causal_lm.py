@@ -111,6 +111,10 @@ class CausalLM(Task):
 
     def _split(self, cfg):
         """Classic prompt/response records: split and partition on the answer classes."""
+        from fedlora.errors import UserError
+
+        if cfg.data.partition_column:
+            raise UserError("data.partition_column applies to messages, prompt-completion and text records only")
         prompts, responses, classes, names, summary = self._records(cfg)
         train, test, parts = self._partition(cfg, classes, names, "free-form responses have no classes")
         return prompts, responses, classes, names, summary, train, test, parts

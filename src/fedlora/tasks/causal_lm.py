@@ -2,7 +2,9 @@
 
 Examples are (prompt, response) records: a csv/jsonl file (`data.prompt_column`, `data.response_column`), a
 Hugging Face dataset with those columns, or an embedded labelled set turned into instructions whose answer is
-the label's name (rotten_tomatoes: "positive"/"negative", bbc_news: the topic). The model's chat template is
+the label's name (rotten_tomatoes: "positive"/"negative", bbc_news: the topic); or records in TRL's formats
+(messages, prompt-completion, text: chat_data.py reads and checks them, chat_encoding.py masks them per token,
+and a key column can drive the partitions). The model's chat template is
 applied when it has one (`data.system_prompt` as the system turn). The loss covers the response tokens only,
 averaged per example, then over the batch (what DP-SGD's per-example clipping expects). The score is
 generation-based: greedy decoding of `eval.max_new_tokens` from each held-out prompt, batched with left

@@ -238,3 +238,17 @@ def test_key_partitions_need_trl_records_and_free_form_data_needs_a_key(tmp_path
     cfg = load_config(None, ["task=causal-lm", "federation.partition=dirichlet"])
     with pytest.raises(UserError, match="set data.partition_column"):
         CausalLM()._partition(cfg, np.zeros(10, np.int64), ["any"], "records have no partition key")
+
+
+@pytest.mark.slow
+def test_a_deployment_node_file_in_a_trl_format_is_read_and_masked_alike(tmp_path, tokenizer):
+    """A node's own data file (flower deployment, `data-path`): same records and masks as the federation's;
+    keys the federation does not know get label -1, never a real key."""
+    from fedlora.tasks.chat_encoding import encode_records
+
+    path = _keyed(tmp_path, n_per_key=2, keys=("code", "news"))
+    cfg = load_config(None, ["task=causal-lm", "data.name=jsonl", f"data.path={path}", "data.partition_column=source"])
+    enc = CausalLM().file_data(cfg, path, tokenizer, ["chat", "code", "math"])
+    assert enc.labels.tolist() == [1, 1, -1, -1]
+    ref, _ = encode_records(tokenizer, to_records(read_rows("jsonl", path)[0], "messages", cfg.data), 64)
+    assert all((a == b).all() for a, b in zip(enc.loss_mask, ref.loss_mask)) and len(enc) == len(ref) == 4

@@ -223,6 +223,27 @@ def test_partition_by_a_key_column_gives_each_client_the_records_of_some_keys(tm
     assert set(data.test.labels.tolist()) == {0, 1, 2}
     iid = prepare_data(load_config(None, base + ["federation.partition=iid"]), tokenizer)
     assert all(len(set(c.labels.tolist())) == 3 for c in iid.clients)
+    whole = prepare_data(load_config(None, base + ["federation.partition=key"]), tokenizer)
+    owners = [set(c.labels.tolist()) for c in whole.clients]
+    assert all(len(o) == 1 for o in owners) and set().union(*owners) == {0, 1, 2}
+
+
+def test_partition_key_puts_every_key_whole_on_one_client_with_balanced_sizes():
+    from fedlora.data import partition_indices
+    from fedlora.errors import UserError
+
+    rng = np.random.default_rng(3)
+    keys = np.repeat(np.arange(9), [40, 5, 7, 12, 30, 3, 8, 20, 15])
+    keys = keys[rng.permutation(len(keys))]
+    parts = partition_indices(keys, 3, "key", seed=1)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(keys)))  # disjoint and complete
+    owners = [{int(k) for k in keys[p]} for p in parts]
+    assert sum(len(o) for o in owners) == 9 and len(set().union(*owners)) == 9  # no key on two clients
+    sizes = sorted(len(p) for p in parts)
+    assert sizes[-1] - sizes[0] <= 40  # largest-first greedy: within the largest key of each other
+    assert [p.tolist() for p in partition_indices(keys, 3, "key", seed=1)] == [p.tolist() for p in parts]
+    with pytest.raises(UserError, match="one key per client"):
+        partition_indices(keys, 10, "key", seed=1)
 
 
 def test_key_partitions_need_trl_records_and_free_form_data_needs_a_key(tmp_path):

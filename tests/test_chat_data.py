@@ -122,6 +122,21 @@ def test_loss_covers_the_earliest_masked_token():
     loss = CausalLM().loss_per_example(fake, batch)
     assert fake.kept == 9  # tokens 2..9 of the 10-token row: 8 targets + 1
     assert torch.allclose(loss, torch.full((2,), float(np.log(60))))  # uniform logits: every counted token
+    # Classic responses at the end (no mask): the longest response + 1, as before per-token masks existed.
+    classic = CausalLM().collate(EncodedData(ids, np.zeros(2, np.int64), np.array([4, 3]), ["", ""]), np.arange(2), 0)
+    CausalLM().loss_per_example(fake, classic)
+    assert fake.kept == 10 - 4 + 1
+
+
+def test_a_local_hugging_face_dataset_folder_in_messages_format(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
+    cfg = load_config(None, ["task=causal-lm"])
+    assert detect_format(source_columns(str(folder), None), cfg.data) == "messages"
+    records = to_records(read_rows(str(folder), None)[0], "messages", cfg.data)
+    assert records.conversations == CONVERSATIONS and not records.bad
 
 
 @pytest.fixture(scope="module")

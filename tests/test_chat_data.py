@@ -261,6 +261,24 @@ def test_partition_key_puts_every_key_whole_on_one_client_with_balanced_sizes():
         partition_indices(keys, 10, "key", seed=1)
 
 
+def test_quantity_skew_draws_unequal_sizes_of_iid_content():
+    from fedlora.data import partition_indices
+
+    labels = np.repeat([0, 1], 300)
+    parts = partition_indices(labels, 4, "quantity", alpha=0.5, seed=2, min_size=5)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(600)) and min(len(p) for p in parts) >= 5
+    assert [p.tolist() for p in partition_indices(labels, 4, "quantity", alpha=0.5, seed=2, min_size=5)] == [
+        p.tolist() for p in parts]
+
+    def spread(alpha):  # mean coefficient of variation of the client sizes over seeds
+        return np.mean([np.std(s := [len(p) for p in partition_indices(labels, 4, "quantity", alpha=alpha, seed=k)])
+                        / np.mean(s) for k in range(20)])
+
+    assert spread(0.3) > 3 * spread(100.0)
+    big = max(parts, key=len)  # content is iid: the label mix of a large client is near the global half-half
+    assert abs(labels[big].mean() - 0.5) < 0.15
+
+
 def test_key_partitions_need_trl_records_and_free_form_data_needs_a_key(tmp_path):
     from fedlora.errors import UserError
     from fedlora.tasks.causal_lm import CausalLM
@@ -274,6 +292,9 @@ def test_key_partitions_need_trl_records_and_free_form_data_needs_a_key(tmp_path
     cfg = load_config(None, ["task=causal-lm", "federation.partition=dirichlet"])
     with pytest.raises(UserError, match="set data.partition_column"):
         CausalLM()._partition(cfg, np.zeros(10, np.int64), ["any"], "records have no partition key")
+    cfg = load_config(None, ["task=causal-lm", "federation.partition=quantity", "federation.num_clients=3"])
+    train, test, parts = CausalLM()._partition(cfg, np.zeros(40, np.int64), ["any"], "no key")
+    assert sum(len(p) for p in parts) == len(train) and len(train) + len(test) == 40
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from fedlora.errors import UserError
 
+from .key_and_quantity import by_key, quantity_skew
+
 # Random draws that can fail (a Dirichlet client below min_size, a label-skew label left on no client)
 # are restarted with seeds derived from the user's seed, at most this many times. flwr-datasets itself
 # redraws a Dirichlet partition 10 more times inside each restart before raising.
@@ -43,7 +45,8 @@ def partition_indices(
       size, as large as the label counts allow. Rows left over are unused (the only incomplete scheme).
     - ``key``: each label value (a key: source, task, user) goes whole to one client, keys dealt to balance
       client sizes; needs at least as many keys as clients.
-    iid, dirichlet, label-skew and key are disjoint and complete. Deterministic for a given seed.
+    - ``quantity``: iid content, client sizes in Dirichlet(``alpha``) proportions over clients (quantity skew).
+    iid, dirichlet, label-skew, key and quantity are disjoint and complete. Deterministic for a given seed.
     """
     labels = _check_labels(labels)
     n = len(labels)
@@ -263,32 +266,13 @@ def _quota(row: np.ndarray, size: int) -> np.ndarray:
     return quota
 
 
-def _by_key(labels: np.ndarray, num_clients: int, *, seed: int, min_size: int, **_: object) -> list[np.ndarray]:
-    """Whole keys per client: every row of a key (label value: a source, task or user) on one client.
-
-    Keys, in an order shuffled by ``seed``, largest first, each go to the client holding the fewest rows so far
-    (balanced client sizes). Written here: flwr-datasets' NaturalIdPartitioner needs one client per key and
-    GroupedNaturalIdPartitioner fixes the keys per client, not the number of clients."""
-    keys, counts = np.unique(labels, return_counts=True)
-    if len(keys) < num_clients:
-        raise UserError(f"partition=key needs at least one key per client: {len(keys)} keys, {num_clients} clients")
-    order = np.random.default_rng(seed).permutation(len(keys))
-    order = order[np.argsort(-counts[order], kind="stable")]
-    held = [[] for _ in range(num_clients)]
-    sizes = np.zeros(num_clients, dtype=np.int64)
-    for k in order:
-        client = int(np.argmin(sizes))
-        held[client].append(np.flatnonzero(labels == keys[k]))
-        sizes[client] += counts[k]
-    return _check_min_size([np.concatenate(h) for h in held], min_size, "key")
-
-
 # Scheme name -> implementation (registry, not an if/elif chain).
 _SCHEMES: dict[str, Callable[..., list[np.ndarray]]] = {
     "iid": _iid,
     "dirichlet": _dirichlet,
     "label-skew": _label_skew,
     "fractions": _fractions,
-    "key": _by_key,
+    "key": by_key,
+    "quantity": quantity_skew,
 }
 PARTITION_SCHEMES = tuple(_SCHEMES)

@@ -104,8 +104,9 @@ class CausalLM(Task):
         from fedlora.errors import UserError
 
         fed = cfg.federation
-        if len(names) == 1 and fed.partition != "iid":
-            raise UserError(f"{why_one} to skew: use federation.partition=iid or set data.partition_column")
+        if len(names) == 1 and fed.partition not in ("iid", "quantity"):  # quantity skew reads no classes
+            raise UserError(f"{why_one} to skew: use federation.partition=iid or quantity, or set "
+                            "data.partition_column")
         train, test = stratified_split_indices(classes, cfg.data.test_fraction, seed=cfg.seed)
         parts = partition_indices(classes[train], fed.num_clients, fed.partition, alpha=fed.alpha, seed=cfg.seed,
                                   label_fractions=fed.label_fractions)

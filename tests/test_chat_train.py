@@ -24,7 +24,8 @@ def _records(fmt: str) -> list[dict]:
         q, r = f"What is {a} plus {a}?", str(2 * a)
         if fmt == "messages":
             rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r},
-                                      {"role": "user", "content": "Double it."}, {"role": "assistant", "content": str(4 * a)}]})
+                                      {"role": "user", "content": "Double it."},
+                                      {"role": "assistant", "content": str(4 * a)}]})
         elif fmt == "prompt-completion":
             rows.append({"prompt": q, "completion": r, "system": "Answer with a number."})
         else:

@@ -35,8 +35,8 @@ def quantity_skew(labels: np.ndarray, num_clients: int, *, alpha: float, seed: i
     """Client sizes in Dirichlet(alpha) proportions (smaller alpha: more unequal), content iid.
 
     Sizes are largest-remainder roundings of the drawn proportions, raised to ``max(min_size, 1)`` each by taking
-    from the largest client; rows are shuffled by ``seed`` and cut in those sizes by flwr-datasets' SizePartitioner (which
-    takes sizes, it does not draw them)."""
+    from the largest client; rows are shuffled by ``seed`` and cut in those sizes by flwr-datasets'
+    SizePartitioner (which takes sizes, it does not draw them)."""
     import datasets
     from flwr_datasets.partitioner import SizePartitioner
 

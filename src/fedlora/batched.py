@@ -90,7 +90,8 @@ def concat(parts: list[EncodedData]) -> EncodedData:
     labels = np.concatenate([p.labels for p in parts])
     prompt = None if parts[0].prompt_len is None else np.concatenate([p.prompt_len for p in parts])
     answers = None if parts[0].answers is None else [a for p in parts for a in p.answers]
-    return EncodedData(ids, labels, prompt, answers)
+    masks = None if parts[0].loss_mask is None else [m for p in parts for m in p.loss_mask]
+    return EncodedData(ids, labels, prompt, answers, masks)
 
 
 class BatchedRound:

@@ -55,7 +55,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: str = Field("rotten_tomatoes", min_length=1)  # rotten_tomatoes | bbc_news | csv | jsonl | a Hugging Face dataset id
+    # rotten_tomatoes | bbc_news | csv | jsonl | parquet (causal-lm) | a Hugging Face dataset id
+    name: str = Field("rotten_tomatoes", min_length=1)
     path: str | None = None
     text_column: str = "text"
     label_column: str = "label"
@@ -64,6 +65,12 @@ class DataConfig(_Section):
     prompt_column: str = "prompt"
     response_column: str = "response"
     system_prompt: str | None = None  # prepended as the system turn when the model has a chat template
+    # task = "causal-lm": TRL's formats (messages | prompt-completion | text) are found from the columns ("auto");
+    # "prompt-response" forces the prompt_column/response_column records above. See docs/configuration.md.
+    format: Literal["auto", "prompt-response", "messages", "prompt-completion", "text"] = "auto"
+    # task = "causal-lm", TRL formats: the column whose values (source, task, user) the non-IID partitions
+    # divide, in place of answer classes; every record must have one.
+    partition_column: str | None = Field(None, min_length=1)
     max_length: int = Field(64, ge=8, le=512)
     test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     max_eval_examples: int | None = Field(None, ge=1)  # cap the held-out set (tests, quick benches)
@@ -72,13 +79,13 @@ class DataConfig(_Section):
     @classmethod
     def _absolute(cls, v, info):
         # The run folder's config.toml must still find the file when `fedlora resume` runs from elsewhere.
-        if v and info.data.get("name") in ("csv", "jsonl") and Path(v).expanduser().is_file():
+        if v and info.data.get("name") in ("csv", "jsonl", "parquet") and Path(v).expanduser().is_file():
             return str(Path(v).expanduser().resolve())
         return v
 
     @model_validator(mode="after")
     def _path_for_files(self, info: ValidationInfo):
-        if self.name in ("csv", "jsonl"):
+        if self.name in ("csv", "jsonl", "parquet"):
             if not self.path:
                 raise ValueError(f"data.path is required for data.name={self.name!r}")
             if (info.context or {}).get("check_files", True) and not Path(self.path).is_file():
@@ -102,7 +109,7 @@ class FederationConfig(_Section):
     # examples per round, regrouped into batches of similar length (less padding; effect on accuracy measured in
     # the README). DP-SGD draws Poisson batches and is refused with it.
     batching: Literal["random", "length-buckets"] = "random"
-    partition: Literal["iid", "dirichlet", "label-skew", "fractions"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "label-skew", "fractions", "key", "quantity"] = "dirichlet"
     alpha: float = Field(5.0, gt=0.0)  # Dirichlet concentration (per class over clients; 2 labels: 5 gives mixed but skewed clients)
     label_fractions: list[list[float]] | None = None  # partition=fractions: per-client label proportions
     ranks: list[int] | None = None  # per-client LoRA ranks, cycled over clients; None: lora.rank for all

@@ -13,12 +13,16 @@ class EncodedData:
     """Token ids per example (unpadded) and labels; batches are padded to their longest example.
 
     Causal LM: `prompt_len[i]` tokens of example i are the prompt (no loss there), the rest its response;
-    `answers[i]` is the response text generation is scored against; `labels` are answer classes (partitions)."""
+    `answers[i]` is the response text generation is scored against; `labels` are answer classes (partitions).
+    `loss_mask[i]` (optional, bool per token) marks the tokens that carry the loss when they are not one
+    contiguous response at the end (multi-turn conversations: every assistant turn; plain texts: every token);
+    `prompt_len[i]` is then the prompt generation starts from."""
 
     input_ids: list[np.ndarray]
     labels: np.ndarray
     prompt_len: np.ndarray | None = None
     answers: list[str] | None = None
+    loss_mask: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -27,7 +31,8 @@ class EncodedData:
         idx = np.asarray(idx, dtype=np.int64)
         return EncodedData([self.input_ids[i] for i in idx], self.labels[idx],
                            None if self.prompt_len is None else self.prompt_len[idx],
-                           None if self.answers is None else [self.answers[i] for i in idx])
+                           None if self.answers is None else [self.answers[i] for i in idx],
+                           None if self.loss_mask is None else [self.loss_mask[i] for i in idx])
 
 
 def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> EncodedData:

@@ -36,6 +36,22 @@ _TRUE = {"1", "on", "yes", "true"}  # as huggingface_hub and datasets read them
 
 def load_hub_rows(name: str, split: str, text_column: str, label_column: str) -> RawRows:
     """Rows of a Hugging Face dataset split; ClassLabel columns keep their ids and names."""
+    import datasets
+
+    ds = load_hub_dataset(name, split)
+    missing = [c for c in (text_column, label_column) if c not in ds.column_names]
+    if missing:
+        raise UserError(
+            f"column '{missing[0]}' not found in Hugging Face dataset {name} "
+            f"(columns: {', '.join(ds.column_names)}); set data.text_column / data.label_column"
+        )
+    feature = ds.features[label_column]
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    return RawRows(f"hf:{name}[{split}]", list(ds[text_column]), list(ds[label_column]), label_names=names)
+
+
+def load_hub_dataset(name: str, split: str):
+    """``datasets.load_dataset(name, split=split)``, offline when the hub is (see the module's note)."""
     local = Path(name).expanduser().exists()
     offline_by_env = _offline_in_env()
     offline = local or offline_by_env or not hub_reachable()
@@ -53,16 +69,7 @@ def load_hub_rows(name: str, split: str, text_column: str, label_column: str) ->
             elif offline_by_env and not local:
                 reason = f"offline mode ({_offline_variable()}) and not in the local cache ({reason})"
             raise UserError(f"could not load Hugging Face dataset {name}: {reason}; {_HINT}") from None
-
-    missing = [c for c in (text_column, label_column) if c not in ds.column_names]
-    if missing:
-        raise UserError(
-            f"column '{missing[0]}' not found in Hugging Face dataset {name} "
-            f"(columns: {', '.join(ds.column_names)}); set data.text_column / data.label_column"
-        )
-    feature = ds.features[label_column]
-    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    return RawRows(f"hf:{name}[{split}]", list(ds[text_column]), list(ds[label_column]), label_names=names)
+    return ds
 
 
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from fedlora.errors import UserError
 
+from .key_and_quantity import by_key, quantity_skew
+
 # Random draws that can fail (a Dirichlet client below min_size, a label-skew label left on no client)
 # are restarted with seeds derived from the user's seed, at most this many times. flwr-datasets itself
 # redraws a Dirichlet partition 10 more times inside each restart before raising.
@@ -41,7 +43,10 @@ def partition_indices(
       the paper's "first-deterministic" assignment); default 1 for binary data, else 2.
     - ``fractions``: client i gets label k in proportion ``label_fractions[i][k]``, all clients the same
       size, as large as the label counts allow. Rows left over are unused (the only incomplete scheme).
-    iid, dirichlet and label-skew are disjoint and complete. Deterministic for a given seed.
+    - ``key``: each label value (a key: source, task, user) goes whole to one client, keys dealt to balance
+      client sizes; needs at least as many keys as clients.
+    - ``quantity``: iid content, client sizes in Dirichlet(``alpha``) proportions over clients (quantity skew).
+    iid, dirichlet, label-skew, key and quantity are disjoint and complete. Deterministic for a given seed.
     """
     labels = _check_labels(labels)
     n = len(labels)
@@ -267,5 +272,7 @@ _SCHEMES: dict[str, Callable[..., list[np.ndarray]]] = {
     "dirichlet": _dirichlet,
     "label-skew": _label_skew,
     "fractions": _fractions,
+    "key": by_key,
+    "quantity": quantity_skew,
 }
 PARTITION_SCHEMES = tuple(_SCHEMES)

@@ -2,7 +2,9 @@
 
 Examples are (prompt, response) records: a csv/jsonl file (`data.prompt_column`, `data.response_column`), a
 Hugging Face dataset with those columns, or an embedded labelled set turned into instructions whose answer is
-the label's name (rotten_tomatoes: "positive"/"negative", bbc_news: the topic). The model's chat template is
+the label's name (rotten_tomatoes: "positive"/"negative", bbc_news: the topic); or records in TRL's formats
+(messages, prompt-completion, text: chat_data.py reads and checks them, chat_encoding.py masks them per token,
+and a key column can drive the partitions). The model's chat template is
 applied when it has one (`data.system_prompt` as the system turn). The loss covers the response tokens only,
 averaged per example, then over the batch (what DP-SGD's per-example clipping expects). The score is
 generation-based: greedy decoding of `eval.max_new_tokens` from each held-out prompt, batched with left
@@ -68,18 +70,56 @@ class CausalLM(Task):
             classes, names = np.zeros(len(responses), dtype=np.int64), ["any"]
         return prompts, responses, classes, names, report.summary()
 
-    def _split(self, cfg):
-        """The one split and partition, on the answer classes (as classification does on labels)."""
+    def _trl_records(self, cfg, name: str | None = None, path: str | None = None):
+        """The source's records in a TRL format (messages, prompt-completion, text), or None for classic
+        prompt/response records and the embedded sets."""
+        from fedlora.errors import UserError
+        from fedlora.tasks.chat_data import detect_format, read_rows, source_columns, to_records
+
+        name, path = name or cfg.data.name, path or cfg.data.path
+        if name in INSTRUCTIONS:
+            return None
+        fmt = detect_format(source_columns(name, path), cfg.data)
+        if fmt is None and name == "parquet":
+            raise UserError("parquet files take the TRL formats only: a messages, prompt+completion or text column")
+        if fmt is None:
+            return None
+        rows, unparseable = read_rows(name, path)
+        return to_records(rows, fmt, cfg.data, unparseable)
+
+    def _trl_data(self, cfg, tokenizer):
+        """(encoded records, key names, load summary, train, test, client parts) of TRL-format data."""
+        from fedlora.tasks.chat_encoding import encode_records
+
+        records = self._trl_records(cfg)
+        if records is None:
+            return None
+        enc, names = encode_records(tokenizer, records, cfg.data.max_length)
+        train, test, parts = self._partition(cfg, enc.labels, names, "records have no partition key")
+        return enc, names, records.summary(), train, test, parts
+
+    def _partition(self, cfg, classes, names, why_one: str):
+        """The one split and partition, on the answer classes or partition keys (as classification on labels)."""
         from fedlora.data import partition_indices, stratified_split_indices
         from fedlora.errors import UserError
 
-        prompts, responses, classes, names, summary = self._records(cfg)
         fed = cfg.federation
-        if len(names) == 1 and fed.partition != "iid":
-            raise UserError("free-form responses have no classes to skew: use federation.partition=iid")
+        if len(names) == 1 and fed.partition not in ("iid", "quantity"):  # quantity skew reads no classes
+            raise UserError(f"{why_one} to skew: use federation.partition=iid or quantity, or set "
+                            "data.partition_column")
         train, test = stratified_split_indices(classes, cfg.data.test_fraction, seed=cfg.seed)
         parts = partition_indices(classes[train], fed.num_clients, fed.partition, alpha=fed.alpha, seed=cfg.seed,
                                   label_fractions=fed.label_fractions)
+        return train, test, parts
+
+    def _split(self, cfg):
+        """Classic prompt/response records: split and partition on the answer classes."""
+        from fedlora.errors import UserError
+
+        if cfg.data.partition_column:
+            raise UserError("data.partition_column applies to messages, prompt-completion and text records only")
+        prompts, responses, classes, names, summary = self._records(cfg)
+        train, test, parts = self._partition(cfg, classes, names, "free-form responses have no classes")
         return prompts, responses, classes, names, summary, train, test, parts
 
     def encode(self, cfg, tokenizer, prompts: list[str], responses: list[str], classes: np.ndarray):
@@ -107,8 +147,16 @@ class CausalLM(Task):
         from fedlora.data import partition_stats
         from fedlora.encoding import FederatedData
 
-        prompts, responses, classes, names, summary, train, test, parts = self._split(cfg)
         cap = cfg.data.max_eval_examples
+        trl = self._trl_data(cfg, tokenizer)
+        if trl is not None:
+            enc, names, summary, train, test, parts = trl
+            if cap is not None and len(test) > cap:
+                test = test[np.sort(np.random.default_rng(cfg.seed).choice(len(test), cap, replace=False))]
+            return FederatedData(clients=[enc.subset(train[p]) for p in parts], test=enc.subset(test),
+                                 label_names=names, partition_stats=partition_stats(enc.labels[train], parts),
+                                 load_summary=summary)
+        prompts, responses, classes, names, summary, train, test, parts = self._split(cfg)
         if cap is not None and len(test) > cap:
             test = test[np.sort(np.random.default_rng(cfg.seed).choice(len(test), cap, replace=False))]
         train_enc = self._encode_rows(cfg, tokenizer, prompts, responses, classes, train)
@@ -125,11 +173,24 @@ class CausalLM(Task):
 
         if not 0 <= client_id < cfg.federation.num_clients:
             raise UserError(f"partition-id {client_id} outside 0..{cfg.federation.num_clients - 1}")
+        trl = self._trl_data(cfg, tokenizer)
+        if trl is not None:
+            enc, names, _, train, _, parts = trl
+            return enc.subset(train[np.asarray(parts[client_id])]), names
         prompts, responses, classes, names, _, train, _, parts = self._split(cfg)
         return self._encode_rows(cfg, tokenizer, prompts, responses, classes, train[np.asarray(parts[client_id])]), names
 
     def file_data(self, cfg, path, tokenizer, label_names):
+        from fedlora.tasks.chat_encoding import encode_records
+
         kind = "jsonl" if str(path).lower().endswith((".jsonl", ".json")) else "csv"
+        kind = "parquet" if str(path).lower().endswith(".parquet") else kind
+        records = self._trl_records(cfg, kind, path)
+        if records is not None:
+            enc, names = encode_records(tokenizer, records, cfg.data.max_length)
+            index = {a: i for i, a in enumerate(label_names)}
+            enc.labels = np.array([index.get(names[k], -1) for k in enc.labels], dtype=np.int64)
+            return enc
         prompts, responses, _, _, _ = self._records(cfg, kind, path)
         # Answers outside the federation's classes get -1 (none), never a real class: the class only drives
         # partitions and label statistics; training and scoring read the answer text.
@@ -154,7 +215,10 @@ class CausalLM(Task):
             start, p = width - len(s), int(data.prompt_len[i])
             ids[row, start:] = s
             mask[row, start:] = 1
-            labels[row, start + p:] = s[p:]
+            if data.loss_mask is None:
+                labels[row, start + p:] = s[p:]
+            else:  # multi-turn or plain text: the example's own per-token mask
+                labels[row, start:] = np.where(data.loss_mask[i], s, -100)
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
                 "labels": torch.from_numpy(labels)}
 
@@ -163,9 +227,11 @@ class CausalLM(Task):
         import torch
 
         labels = batch["labels"]
-        # The longest response (in tokens) decides how many final positions need logits: k positions predict
-        # the last k - 1 tokens (the final position predicts past the sequence).
-        answer = int((labels != -100).sum(dim=1).max())
+        # The earliest loss token in the (left-padded) batch decides how many final positions need logits:
+        # k positions predict the last k - 1 tokens (the final position predicts past the sequence). For
+        # responses at the end this is the longest response.
+        counted_any = (labels != -100).any(dim=0)
+        answer = labels.shape[1] - int(counted_any.int().argmax()) if bool(counted_any.any()) else 0
         keep = answer + 1
         logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         logits_to_keep=keep).logits

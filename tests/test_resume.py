@@ -195,7 +195,7 @@ def test_flower_sim_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, mon
     entropy a node that lost its state (as these do) rightly continues with fresh noise of its own."""
     from flower_procs import TAG_VAR, ProcessTag
 
-    rounds = 3
+    rounds = 2
     overrides = TINY + [f"federation.rounds={rounds}", "engine=flower-sim", "strategy.name=fedit",
                         "privacy.mode=sample", "privacy.epsilon=3", "privacy.reproducible_noise=true"]
     tag = ProcessTag()  # the killed run's Ray processes are orphaned by SIGKILL: stopped by pid below
@@ -320,12 +320,13 @@ def test_resume_is_exact_with_os_entropy_noise(mode, tmp_path):
     """Default noise (OS entropy): nobody can rerun the config to get the same noise, so the uninterrupted run
     itself is the reference. Its folder is copied right after round 1's checkpoint (what a kill then leaves) and
     the copy resumed: the generators' state in the checkpoint makes the rest identical (adapter to 1e-6, same
-    epsilon), while a second run of the same config releases other noise."""
+    epsilon). (That two runs of one config add different noise is measured on the server's path in
+    test_client_dp_invariants.py.)"""
     import shutil
 
     import fedlora
 
-    rounds = 3
+    rounds = 2
     overrides = TINY + [f"federation.rounds={rounds}", f"privacy.mode={mode}", "privacy.epsilon=8"] + (
         ["federation.num_clients=6", "federation.clients_per_round=3", "privacy.clip=0.5"] if mode == "client" else [])
     cfg = load_config(None, overrides)
@@ -339,7 +340,3 @@ def test_resume_is_exact_with_os_entropy_noise(mode, tmp_path):
     (snapshot / "summary.json").unlink(missing_ok=True)
     fedlora.resume(snapshot)
     assert_same_run(snapshot, reference, rounds, f"{mode}: resumed after round 1")
-    again = fedlora.run(cfg, out=tmp_path / "again").run_dir
-    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (again, reference))
-    assert any(np.max(np.abs(a[k] - b[k])) > 1e-6 for k in a if "lora_B" in k), "the noise was regenerated"
-

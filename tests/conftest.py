@@ -20,3 +20,19 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "deployment: starts a real SuperLink and SuperNodes on 127.0.0.1 (pytest -m deployment)"
     )
+
+
+# Under pytest-xdist (`-n 2 --dist loadgroup`, see pyproject's addopts): the tests that start Flower (Ray, a
+# SuperLink, SuperNodes) or `fedlora` subprocesses run one after the other in one worker, as they did without
+# xdist; the tests that build and read the cached LLM conversion likewise in one worker; the rest spreads over
+# both. Without xdist the marker does nothing.
+GROUPS = {"processes": ("test_flower", "test_deploy", "test_resume", "test_faults"),
+          "llm": ("test_causal_lm", "test_chat"),
+          "bench": ("test_bench",)}  # its tests reuse the suites' cached outputs within one worker
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for group, modules in GROUPS.items():
+            if item.module.__name__.startswith(modules):
+                item.add_marker(pytest.mark.xdist_group(group))

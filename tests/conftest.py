@@ -16,6 +16,18 @@ def one_torch_thread():
     torch.set_num_threads(saved)
 
 
+@pytest.fixture
+def server_task_identity():
+    """Messages take the sender's identity from Flower's TaskIdentity, as inside a real ServerApp process (the
+    tests that drive fedlora's Flower transport in this process)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "deployment: starts a real SuperLink and SuperNodes on 127.0.0.1 (pytest -m deployment)"

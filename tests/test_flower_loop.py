@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.engines import execute
 from fedlora.config import load_config
@@ -21,7 +20,7 @@ from fedlora.experiment import make_run_dir
 from fedlora.metrics import read_metrics
 from fedlora.progress import RunProgress
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread", "server_task_identity")]
 
 QUIET = RunProgress(enabled=False)
 TINY = [
@@ -70,15 +69,6 @@ class InProcessGrid(Grid):
                 replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}:<'{exc}'>"), reply_to=msg))
         return replies
 
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages take the sender's identity from TaskIdentity, as inside a real ServerApp process."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _nodes(n: int) -> list[dict]:

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -40,14 +39,7 @@ DIMS = {"enc.0.query": (6, 5), "enc.0.value": (7, 5)}
 HEAD = {"classifier.weight": np.zeros((2, 5), np.float32), "classifier.bias": np.zeros(2, np.float32)}
 NODE = 100  # node id of client c is NODE + c
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages take the sender's identity from TaskIdentity, as inside a real ServerApp process."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 class ScriptedGrid(Grid):

@@ -157,20 +157,11 @@ def summand(strategy, parts, update, names: list[tuple[str, tuple[int, ...]]], c
     return [pad_to(now[n], shape) for n, shape in names]
 
 
-def mean_update(server, the_plan: Plan, arrays: list[np.ndarray], members: list):
-    """Server side: the Update the strategy aggregates, from the unmasked weighted mean `arrays` (layout at
-    `the_plan.width`) and the members whose uploads it sums."""
+def mean_update(server, the_plan: Plan, mean: dict[str, np.ndarray], members: list):
+    """Server side: the Update the strategy aggregates, from the unmasked weighted mean (flat by name at
+    `the_plan.width`, as `summed_round` checked it: the round's layout, finite values) and the members whose
+    uploads it sums."""
     cfg = server.cfg
-    names = server_layout(server, the_plan.width)
-    if isinstance(arrays, dict):
-        if set(arrays) != {n for n, _ in names}:
-            raise ValueError("secure aggregation: the unmasked sum does not have the round's layout")
-        arrays = [arrays[n] for n, _ in names]
-    if len(arrays) != len(names) or any(np.shape(a) != s for a, (_, s) in zip(arrays, names)):
-        raise ValueError("secure aggregation: the unmasked sum does not have the round's layout")
-    mean = {n: np.asarray(a, np.float64) for (n, _), a in zip(names, arrays)}
-    if not all(np.all(np.isfinite(a)) for a in mean.values()):
-        raise ValueError("secure aggregation: the unmasked sum has non-finite values")
     widest = max(members, key=lambda u: u.rank)
     width = widest.rank
     weights = np.asarray([float(u.num_examples) for u in members])

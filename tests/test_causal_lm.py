@@ -15,8 +15,8 @@ from fedlora import lora
 from fedlora.config import load_config
 from fedlora.tasks.causal_lm import matches, normalise
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-from test_flower_loop import _task_identity  # noqa: E402,F401  (autouse: Flower messages need a sender identity)
+# Flower messages need a sender identity (conftest.server_task_identity).
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "server_task_identity")
 
 TINY = ["task=causal-lm", "data.max_length=80", "data.max_eval_examples=24", "data.system_prompt=Answer with one word.",
         "federation.num_clients=2", "federation.rounds=1", "federation.local_steps=2", "federation.batch_size=4",

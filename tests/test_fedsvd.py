@@ -8,7 +8,9 @@ import pytest
 from fedlora.engines import execute
 from fedlora.strategies import LoraFactors, get_strategy
 from fedlora.strategies.fedsvd import svd_refactor
-from test_flower_loop import _task_identity  # noqa: F401  (autouse: Flower messages need a sender identity)
+
+# Flower messages need a sender identity (conftest.server_task_identity).
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def round_of(seed: int, k: int = 4, r: int = 6, d_out: int = 20, d_in: int = 15, scale: float = 0.5):

@@ -13,7 +13,9 @@ from fedlora.federated_run import build_strategy
 from fedlora.server import Server
 from fedlora.strategies import LoraFactors, get_strategy
 from fedlora.strategies.fedsb import orthonormal_rows
-from test_flower_loop import _task_identity  # noqa: F401  (autouse: Flower messages need a sender identity)
+
+# Flower messages need a sender identity (conftest.server_task_identity).
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 DIMS = {"enc.0.query": (9, 7), "enc.0.value": (6, 7)}
 HEAD = {"classifier.weight": np.zeros((2, 7), np.float32)}

@@ -382,6 +382,9 @@ class FlaasConfig(_Section):
     ranks: list[int] = Field(default_factory=lambda: [2, 4, 8, 16], min_length=1)  # what the planner may assign
     deadline_s: float | None = Field(None, gt=0.0)  # a round's deadline in simulated seconds; None: none
     simulate: bool = True  # simulated round times (and the deadline's stragglers) in the metrics
+    # How much a device's speed varies from round to round on the simulated clock: each round's times are
+    # multiplied by a log-normal factor of this sigma (0: exactly as profiled, so a planned client is never late).
+    jitter: float = Field(0.0, ge=0.0, le=2.0)
 
     @field_validator("ranks")
     @classmethod

@@ -22,7 +22,7 @@ from fedlora.flaas.profiles import (
     population_profiles,
     profile_from_node_fields,
 )
-from fedlora.flaas.simulate import SimulatedRound, offline, simulate_round
+from fedlora.flaas.simulate import SimulatedRound, offline, simulate_round, slowdowns
 from fedlora.strategies import WIRE_BYTES, Strategy
 from fedlora.strategies.types import parts_nbytes
 
@@ -177,7 +177,8 @@ class FlaasService:
         scale = traffic_up / total if traffic_up and total else 1.0  # the real bytes, shared as estimated
         work = {u.client_id: (u.samples * cfg.data.max_length * self.counts.flops_per_token(u.rank),
                               est[u.client_id] * scale, server.downlink_nbytes(u.rank)) for u in updates}
-        sim = simulate_round(self._plan_profiles(), work, cfg.flaas.deadline_s)
+        sim = simulate_round(self._plan_profiles(), work, cfg.flaas.deadline_s,
+                             slowdowns(sorted(work), cfg.seed, server.round + 1, cfg.flaas.jitter))
         self.last = sim
         row.update(sim.to_json())
         replies.extra.update(row)

@@ -26,6 +26,13 @@ def offline(profiles: dict[int, ClientProfile], clients: list[int], seed: int, r
     return out
 
 
+def slowdowns(clients: list[int], seed: int, round_idx: int, jitter: float) -> dict[int, float]:
+    """Each client's slowdown this round (a device is not equally fast every round: load, signal, heat):
+    log-normal with sigma `jitter` (0: every round as its profile says), deterministic per seed and round."""
+    return {c: float(np.exp(jitter * np.random.default_rng([seed, round_idx, c, 0x51C]).standard_normal()))
+            for c in clients} if jitter > 0 else {c: 1.0 for c in clients}
+
+
 @dataclass(frozen=True)
 class SimulatedRound:
     costs: dict[int, ClientCost]  # every client that trained
@@ -38,9 +45,13 @@ class SimulatedRound:
 
 
 def simulate_round(profiles: dict[int, ClientProfile], work: dict[int, tuple[float, float, float]],
-                   deadline_s: float | None) -> SimulatedRound:
-    """`work`: client -> (training FLOPs, bytes up, bytes down) it really did this round."""
-    costs = {c: seconds(profiles[c], *w) for c, w in work.items()}
+                   deadline_s: float | None, slowdown: dict[int, float] | None = None) -> SimulatedRound:
+    """`work`: client -> (training FLOPs, bytes up, bytes down) it really did this round; `slowdown`: client ->
+    the factor this round's times are multiplied by (default 1)."""
+    costs = {}
+    for c, w in work.items():
+        k, f = seconds(profiles[c], *w), (slowdown or {}).get(c, 1.0)
+        costs[c] = ClientCost(k.compute_s * f, k.upload_s * f, k.download_s * f)
     late = {c: f"straggler: simulated {k.describe()}, past the {deadline_s:g} s deadline"
             for c, k in costs.items() if deadline_s is not None and k.total_s > deadline_s}
     on_time = [k.total_s for c, k in costs.items() if c not in late]

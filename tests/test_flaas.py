@@ -148,6 +148,15 @@ def test_a_run_plans_ranks_logs_who_sits_out_and_drops_stragglers(tmp_path):
     plan = run.flaas.plan
     assert 0 in plan.sit_out and plan.ranks[2] == 8 and plan.ranks[1] < 8
     assert run.cfg.federation.ranks[1:] == [plan.ranks[1], 8]  # the plan is the run's ranks
+    # A node that declares a profile (Flower --node-config) is re-planned; a hostile one sits out, one line.
+    notes = []
+    fast = {"flaas-memory-mb": 4096, "flaas-upload-mbps": 100, "flaas-download-mbps": 100, "flaas-gflops": 100}
+    run.flaas.observe({1: fast}, notes.append)
+    assert run.server.client_ranks[1] == run.flaas.plan.ranks[1] == 8 and "re-planned" in notes[-1]
+    run.flaas.observe({1: {**fast, "flaas-rank": 64}}, notes.append)
+    assert 1 in run.flaas.plan.sit_out and "unknown key 'flaas-rank'" in notes[-2]
+    run.flaas.observe({1: {**fast, "flaas-upload-mbps": 0.5, "flaas-download-mbps": 10}}, notes.append)  # as at first
+    assert run.flaas.plan == plan and run.server.client_ranks[1] == plan.ranks[1]
     execute(run)
     rows = read_metrics(tmp_path / "run")
     late_seen = 0

@@ -48,9 +48,9 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    # 5 methods x 2 arms x 3 seeds = 30 runs of 6 clients x 5 rounds x 3 local steps of 16 examples.
-    "full": Size(seeds=(0, 1, 2), rounds=5, local_steps=3, max_eval=200,
-                 estimate="about 20 min (about 40 s a run)"),
+    # 5 methods x 2 arms x 3 seeds = 30 runs of 6 clients x 4 rounds x 3 local steps of 16 examples.
+    "full": Size(seeds=(0, 1, 2), rounds=4, local_steps=3, max_eval=200,
+                 estimate="about 15-20 min with --jobs 2 (about 50 s of CPU a run)"),
     "quick": Size(seeds=(0,), rounds=3, local_steps=2, max_eval=100, methods=("rbla", "zeropad"),
                   estimate="about 3 min"),
     "smoke": Size(seeds=(0,), rounds=1, local_steps=1, max_eval=32, methods=("rbla",), num_clients=3,

@@ -94,6 +94,8 @@ def config_profiles(cfg: ExperimentConfig, flops_per_sample: float) -> dict[int,
 
 
 class FlaasService:
+    """One run's plan and clock: built by `Run` before its server (the plan becomes federation.ranks)."""
+
     def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module, dims, head_numel: int, strategy: Strategy):
         self.cfg, self.dims, self.mixed = cfg, dims, strategy.supports_mixed_ranks
         self.counts = ModelCounts(model, dims, head_numel)

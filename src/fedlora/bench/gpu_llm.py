@@ -69,9 +69,9 @@ def build_base(shape: str, dtype: torch.dtype, device: torch.device, seed: int =
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device(device):  # allocated and initialised there: a 7B model never passes through host memory
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    return model.to(device).eval()  # a no-op unless this transformers ignored the device context
 
 
 def synthetic_client(vocab: int, examples: int, seq_len: int, response: int, seed: int = 0):

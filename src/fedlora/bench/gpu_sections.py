@@ -194,7 +194,9 @@ def dp_vs_plain(sizes: Sizes) -> Iterator[dict]:
         plain_sps = plain_sps or round_sps
         yield {"privacy": name, "settings": " ".join(extra) or "privacy.mode=none", "rounds": len(rows), "round_samples_per_s": round_sps,
                "train_samples_per_s": summary["train_samples_per_s"], "vs_non_private": round_sps / plain_sps,
-               "final_accuracy": summary["final_accuracy"], "epsilon": summary.get("final_epsilon"), "wall_s": wall}
+               # before vs final: that training moved the adapter on this device (Opacus #820 froze LoRA on GPUs)
+               "accuracy_before": summary["accuracy_before"], "final_accuracy": summary["final_accuracy"],
+               "epsilon": summary.get("final_epsilon"), "wall_s": wall}
 
 
 def causal_lm(sizes: Sizes) -> Iterator[dict]:

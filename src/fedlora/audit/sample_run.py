@@ -68,6 +68,7 @@ def audit_sample(config=None, *, overrides=(), canaries: int = 500, out: str | P
     from fedlora.experiment import make_run_dir, prepare_data
     from fedlora.federated_run import Run
     from fedlora.host import load_tokenizer
+    from fedlora.metrics import read_metrics
     from fedlora.progress import RunProgress
 
     if canaries < 2:
@@ -90,6 +91,10 @@ def audit_sample(config=None, *, overrides=(), canaries: int = 500, out: str | P
     transport.client_privacy[AUDITED_CLIENT] = audited
     before = global_losses(run, sentences) if sentences is not None else None
     summary = run.loop(transport)
+    refused = [row["rejected"][k] for row in read_metrics(run.run_dir) for k in (row.get("rejected") or {})
+               if int(k) == AUDITED_CLIENT]
+    if refused:  # its steps still happened, but the black-box canaries would be scored on a model without them
+        raise RuntimeError(f"the server rejected the audited client's update: {refused[0]}")
     drop = before - global_losses(run, sentences) if sentences is not None else None
     report = {
         "threat_model": WHITE_BOX,

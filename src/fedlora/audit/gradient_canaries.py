@@ -11,8 +11,9 @@ clipped sum in it, and u_{i,g} the canary's unit direction in group g (the noise
 sigma*sqrt(G)*C_g, so this weighs every group by its signal-to-noise ratio). Subtracting r is DP's own threat
 model: the adversary knows every example but the canary, and (independent of the coins) which real ones each
 batch drew; the canary's privacy rests only on its own sampling and the noise. Without it the real gradients'
-projections, ~ T*B/sqrt(d) against a signal of ~ T*q, drown the canaries for any d << n^2. The plain inner
-product <u_i, y> is kept too (`scores_raw`: an adversary who sees the noisy gradients and nothing else).
+projections, up to ~ T*B/sqrt(d) (clipped gradients all pointing one way) against a signal of ~ T*q, can drown
+the canaries (on MiniLM they stayed small against the noise: docs/results/audit/). The plain inner product
+<u_i, y> is kept too (`scores_raw`: an adversary who sees the noisy gradients and nothing else).
 
 Only the audit builds these: the canaries sit on the audited client's `SamplePrivacy` (`AuditedSamplePrivacy`)
 and wrap the step of the one DP optimizer its session opens; a normal run never creates one, and no config

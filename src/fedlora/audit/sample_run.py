@@ -160,8 +160,7 @@ def write_audit(folder: Path, report: dict, white: np.ndarray, white_coins: np.n
     lines += ["", f"sigma {_num(report['noise_multiplier'])}, q {report['sample_rate']:.3g}, {report['dp_steps']} "
               f"DP steps of client 0 ({w['ever_sampled']} inserted white-box canaries sampled at least once); "
               f"{report['seconds']} s.", ""]
-    lines += [f"Black-box: {b['skipped']}.", ""] if "skipped" in b else [f"Black-box threat model: {b['threat_model']}.",
-                                                                       ""]
+    lines += [f"Black-box: {b['skipped']}." if "skipped" in b else f"Black-box threat model: {b['threat_model']}.", ""]
     lines += ["A lower bound above the accountant's epsilon means the code leaks more than it claims (a bug). A lower "
               "bound below it proves nothing about the claim's tightness: one run with few guesses cannot certify a "
               "large epsilon. The one-shot estimate is an estimate, not a bound.", "", "![scores](scores.png)", ""]

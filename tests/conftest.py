@@ -39,7 +39,7 @@ def pytest_configure(config):
 # xdist; the tests that build and read the cached LLM conversion likewise in one worker; the rest spreads over
 # both. Without xdist the marker does nothing.
 GROUPS = {"processes": ("test_flower", "test_deploy", "test_resume", "test_faults"),
-          "llm": ("test_causal_lm", "test_chat"),
+          "llm": ("test_causal_lm", "test_chat", "test_instruct_bench"),
           "bench": ("test_bench",)}  # its tests reuse the suites' cached outputs within one worker
 
 

@@ -1,6 +1,6 @@
 """`fedlora bench paper-ffa-llm --quick`: FFA vs FedIT on the embedded LLM and the generated benchmark writes its
-report (zero-shot row, both methods with and without DP, finite numbers) and results.json, one family per client,
-FFA's upload the B factors only; a second call trains nothing."""
+report (zero-shot row, both methods with and without DP, finite numbers) and results.json, whole task families per
+client, FFA's upload the B factors only; a second call trains nothing."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_paper_ffa_llm_quick_reports_both_methods_with_and_without_dp(tmp_path):
     runs = results["runs"]
     assert len(runs) == 4 and {(r["method"], r["epsilon"]) for r in runs} == {
         ("ffa", 3.0), ("ffa", None), ("fedit", 3.0), ("fedit", None)}
-    assert all(r["client_sizes"] == [425] * 4 for r in runs)
+    assert all(r["client_sizes"] == [850, 850] for r in runs)  # two whole families each
     dp = [r for r in runs if r["epsilon"] is not None]
     assert all(0 < r["final_epsilon"] <= 3.0 + 1e-6 for r in dp)
     # SmolLM2: q_proj 576x576, v_proj 576x192 (grouped KV heads). FFA sends B only: (576 + 192) / (2 * 576 + 576

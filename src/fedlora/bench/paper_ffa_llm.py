@@ -24,7 +24,6 @@ NAME = "paper-ffa-llm"
 METHODS = ("ffa", "fedit")
 DELTA = 1e-5
 RANK = 8
-CLIENTS = 4  # one task family each (federation.partition = key on the `task` column)
 MODEL = "embedded:SmolLM2-135M-Instruct"
 
 
@@ -43,6 +42,7 @@ class Size:
     dp_lr: float  # DP-SGD with momentum on the LoRA factors (0.2 and clip 1: fedlora's default DP recipe)
     dp_clip: float
     epsilons: tuple[float | None, ...] = (None, 3.0)
+    clients: int = 4  # one task family each (federation.partition = key on the `task` column)
     estimate: str = ""
 
 
@@ -53,9 +53,10 @@ SIZES: dict[str, Size] = {
     "full": Size(seeds=(0, 1, 2), rounds=2, local_steps=4, batch_size=8, max_eval=40, max_length=80,
                  max_new_tokens=12, lr=5e-3, dp_batch_size=12, dp_local_steps=4, dp_lr=0.2, dp_clip=1.0,
                  estimate="about 25 min on 2 shared CPU cores"),
-    "quick": Size(seeds=(0,), rounds=1, local_steps=1, batch_size=2, max_eval=4, max_length=64, max_new_tokens=4,
-                  lr=5e-3, dp_batch_size=2, dp_local_steps=1, dp_lr=0.2, dp_clip=1.0,
-                  estimate="under a minute (a check that the suite runs, not a measurement)"),
+    # A check that the suite runs (tests), not a measurement: 2 clients of two families each, one example a step.
+    "quick": Size(seeds=(0,), rounds=1, local_steps=1, batch_size=1, max_eval=2, max_length=64, max_new_tokens=2,
+                  lr=5e-3, dp_batch_size=1, dp_local_steps=1, dp_lr=0.2, dp_clip=1.0, clients=2,
+                  estimate="under a minute"),
 }
 SIZES["smoke"] = SIZES["quick"]
 
@@ -64,7 +65,7 @@ def base_overrides(size: Size) -> list[str]:
     return [
         "task=causal-lm", f"model.name={MODEL}", "data.name=instruct-bench", "data.partition_column=task",
         "data.system_prompt=Give only the answer.", f"data.max_length={size.max_length}",
-        f"data.max_eval_examples={size.max_eval}", f"federation.num_clients={CLIENTS}", "federation.partition=key",
+        f"data.max_eval_examples={size.max_eval}", f"federation.num_clients={size.clients}", "federation.partition=key",
         f"federation.rounds={size.rounds}", f"federation.local_steps={size.local_steps}",
         f"federation.batch_size={size.batch_size}", f"lora.rank={RANK}", f"lora.alpha={RANK}",
         "optim.name=adamw", f"optim.lr={size.lr}", "eval.batch_size=40", f"eval.max_new_tokens={size.max_new_tokens}",
@@ -159,8 +160,8 @@ def run(out: Path, size_name: str, console: Console, jobs: int = 1) -> SuiteOutp
         "): 2,000 prompt-completion rows, 500 per task family (arithmetic word problems, extraction of a field, "
         "word-list reversal, largest of 4-5 numbers); system prompt \"Give only the answer.\"; held-out set "
         f"stratified by family, capped at {size.max_eval}; max_length {size.max_length}.",
-        f"- {CLIENTS} clients, non-IID by task: `federation.partition = key` on the `task` column, one whole family "
-        f"per client ({', '.join(map(str, first['client_sizes']))} examples); every client every round.",
+        f"- {size.clients} clients, non-IID by task: `federation.partition = key` on the `task` column, whole task "
+        f"families per client ({', '.join(map(str, first['client_sizes']))} examples); every client every round.",
         f"- without DP: {size.rounds} rounds × {size.local_steps} local steps of batch {size.batch_size}, AdamW lr "
         f"{size.lr:g}. DP (ε = 3, δ = {DELTA:g}, sample level, RDP accountant, σ calibrated once per client for all "
         f"{size.rounds * size.dp_local_steps} steps): {size.rounds} rounds × {size.dp_local_steps} steps of expected "
@@ -188,6 +189,6 @@ def run(out: Path, size_name: str, console: Console, jobs: int = 1) -> SuiteOutp
         f"![exact match per round]({png.relative_to(out)})",
         "",
     ]
-    results["settings"] = {**size.__dict__, "rank": RANK, "clients": CLIENTS, "delta": DELTA, "model": MODEL}
+    results["settings"] = {**size.__dict__, "rank": RANK, "delta": DELTA, "model": MODEL}
     results["runs"] = [r.to_json(out) for r in records]
     return SuiteOutput(markdown="\n".join(md), results=results, run_log=cache.log)

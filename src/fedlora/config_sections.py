@@ -56,7 +56,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    # rotten_tomatoes | bbc_news | csv | jsonl | parquet (causal-lm) | a Hugging Face dataset id
+    # rotten_tomatoes | bbc_news | csv | jsonl | parquet (causal-lm) | instruct-bench (causal-lm: fedlora's generated
+    # benchmark, fedlora/data/instruct_bench.py) | a Hugging Face dataset id
     name: str = Field("rotten_tomatoes", min_length=1)
     path: str | None = None
     text_column: str = "text"

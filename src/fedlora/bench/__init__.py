@@ -3,7 +3,7 @@
     from fedlora.bench import run_suite
     report = run_suite("paper-ffa", Path("bench-out/paper-ffa"), quick=True)   # -> .../report.md
 
-Suites (one module each): `paper-ffa`, `paper-rbla`, `paper-rbla-digits`,
+Suites (one module each): `paper-ffa`, `paper-ffa-llm`, `paper-rbla`, `paper-rbla-digits`,
 `paper-rbla-scaling`, `speed`. Sizes: `full` (the README numbers), `quick`
 (`--quick`, a CI smoke run of a few minutes) and `smoke` (tests only). The output folder gets report.md,
 plots/*.png, results.json (raw numbers and a run log saying which runs were trained, resumed or cached) and
@@ -30,6 +30,7 @@ SUITES: dict[str, str] = {
     "speed": "fedlora.bench.speed",
     "comm": "fedlora.bench.comm",  # compressed uploads: accuracy and bytes per round (issue 19)
     "flaas": "fedlora.bench.flaas",  # planned ranks on a simulated device population (issue 32)
+    "paper-ffa-llm": "fedlora.bench.paper_ffa_llm",  # FFA vs FedIT on the embedded LLM, generated benchmark (issue 30)
 }
 SIZES = ("full", "quick", "smoke")
 

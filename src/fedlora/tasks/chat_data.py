@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedlora.data import instruct_bench
 from fedlora.errors import UserError
 
 FORMATS = ("messages", "prompt-completion", "text")
@@ -44,6 +45,8 @@ class Records:
 
 def source_columns(name: str, path: str | None) -> set[str]:
     """The columns a file or Hugging Face dataset holds, read without loading every row where it can be."""
+    if name == instruct_bench.NAME:
+        return set(instruct_bench.COLUMNS)
     if name in ("csv", "jsonl", "parquet"):
         file = _file(path)
         suffix = file.suffix.lower()
@@ -62,7 +65,10 @@ def source_columns(name: str, path: str | None) -> set[str]:
 
 
 def read_rows(name: str, path: str | None, split: str = "train") -> tuple[list[dict], int]:
-    """(rows as dicts, unparseable lines) of a .jsonl/.csv/.parquet file or a Hugging Face dataset."""
+    """(rows as dicts, unparseable lines) of a .jsonl/.csv/.parquet file, a Hugging Face dataset or fedlora's
+    generated benchmark."""
+    if name == instruct_bench.NAME:
+        return instruct_bench.generate(), 0
     if name in ("csv", "jsonl", "parquet"):
         file = _file(path)
         suffix = file.suffix.lower()

@@ -7,8 +7,9 @@ the final model averages away most of what one client's steps did.
 
 Classification: held-out sentences the run does not evaluate on, with a wrong label (`mislabelled`).
 Causal LM: random-token sequences (`random_token_canaries`), a prompt and a response of tokens drawn uniformly
-from the vocabulary, the loss on the response: nothing in real text predicts them, so only training on the
-canary itself lowers its loss. Canaries that lose the coin are generated the same way but never inserted.
+from the vocabulary, the loss on the response: training on real text moves every canary's loss alike, inserted
+or not, so only training on a canary itself sets it apart. Canaries that lose the coin are generated the same
+way but never inserted.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ audit/scores.png).
 The audited client is client 0: its DP-SGD carries N white-box gradient canaries (`gradient_canaries`) and its
 data N' black-box input canaries (`input_canaries`: mislabelled held-out sentences for classification,
 random-token sequences for the causal LM), each inserted on a fair coin of its own; the other clients train as
-configured. Sample-level DP is each client's guarantee about its own examples,
-so the epsilon compared is client 0's accountant's (the run's reported epsilon is the largest over clients).
+configured. Sample-level DP is each client's guarantee about its own examples, so the epsilon compared is client
+0's accountant's (the run's reported epsilon is the largest over clients).
 The audited run exports no adapter (it holds the canaries); a normal run never builds any of this.
 """
 
@@ -89,23 +89,23 @@ def audit_sample(config=None, *, overrides=(), canaries: int = 500, out: str | P
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model.name)
     data = prepare_data(cfg, tokenizer)
-    sentences, black_note = input_canaries(cfg, tokenizer, data, canaries)
-    white_coins, black_coins = fair_coins(cfg.seed, canaries, len(sentences) if sentences is not None else None)
-    if sentences is not None:
-        inserted = sentences.subset(np.flatnonzero(black_coins))
+    inputs, black_note = input_canaries(cfg, tokenizer, data, canaries)
+    white_coins, black_coins = fair_coins(cfg.seed, canaries, len(inputs) if inputs is not None else None)
+    if inputs is not None:
+        inserted = inputs.subset(np.flatnonzero(black_coins))
         data.clients[AUDITED_CLIENT] = with_examples(data.clients[AUDITED_CLIENT], inserted)
     run = Run(cfg, make_run_dir(cfg, str(out) if out else None), RunProgress(enabled=progress), data=data)
     transport = LocalTransport(run)
     gradient = GradientCanaries(white_coins, cfg.seed)
     audited = AuditedSamplePrivacy.of(transport.client_privacy[AUDITED_CLIENT], gradient)
     transport.client_privacy[AUDITED_CLIENT] = audited
-    before = global_losses(run, sentences) if sentences is not None else None
+    before = global_losses(run, inputs) if inputs is not None else None
     summary = run.loop(transport)
     refused = [row["rejected"][k] for row in read_metrics(run.run_dir) for k in (row.get("rejected") or {})
                if int(k) == AUDITED_CLIENT]
     if refused:  # its steps still happened, but the black-box canaries would be scored on a model without them
         raise RuntimeError(f"the server rejected the audited client's update: {refused[0]}")
-    drop = before - global_losses(run, sentences) if sentences is not None else None
+    drop = before - global_losses(run, inputs) if inputs is not None else None
     report = {
         "threat_model": WHITE_BOX,
         "delta": cfg.privacy.delta,

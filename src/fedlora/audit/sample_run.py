@@ -2,10 +2,11 @@
 client's training, set beside that client's accountant epsilon (audit/report.md, audit/audit.json,
 audit/scores.png).
 
-The audited client is client 0: its DP-SGD carries N white-box gradient canaries (`gradient_canaries`) and, for
-classification, its data N' black-box input canaries (`input_canaries`), each inserted on a fair coin of its
-own; the other clients train as configured. Sample-level DP is each client's guarantee about its own examples,
-so the epsilon compared is client 0's accountant's (the run's reported epsilon is the largest over clients).
+The audited client is client 0: its DP-SGD carries N white-box gradient canaries (`gradient_canaries`) and its
+data N' black-box input canaries (`input_canaries`: mislabelled held-out sentences for classification,
+random-token sequences for the causal LM), each inserted on a fair coin of its own; the other clients train as
+configured. Sample-level DP is each client's guarantee about its own examples, so the epsilon compared is client
+0's accountant's (the run's reported epsilon is the largest over clients).
 The audited run exports no adapter (it holds the canaries); a normal run never builds any of this.
 """
 
@@ -20,7 +21,8 @@ import numpy as np
 
 from fedlora.api import as_config
 from fedlora.audit.gradient_canaries import AuditedSamplePrivacy, GradientCanaries
-from fedlora.audit.input_canaries import NOT_BUILT_CAUSAL, global_losses, mislabelled, unused_held_out, with_examples
+from fedlora.audit.input_canaries import (global_losses, mislabelled, random_token_canaries, unused_held_out,
+                                          with_examples)
 from fedlora.audit.run import AuditResult
 from fedlora.audit.stats import one_run_epsilon_lower_bound, one_shot_epsilon
 from fedlora.config import ExperimentConfig
@@ -32,7 +34,8 @@ WHITE_BOX = ("sample-level DP of client 0's DP-SGD; white-box: the adversary see
              "examples' clipped sum); gradient canaries contribute a fixed direction of the clip's norm (per "
              "clipping group) when Poisson-sampled at the client's rate q")
 BLACK_BOX = ("sample-level DP of client 0; black-box: the adversary sees the initial and the final global model "
-             "and scores each mislabelled sentence by its loss drop (weak: far from a worst-case example)")
+             "and scores each {what} by its loss drop (weak: far from a worst-case example)")
+CANARY_KIND = {"classification": "mislabelled sentence", "causal-lm": "random-token sequence (loss on its response)"}
 
 
 def audited_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -46,11 +49,14 @@ def audited_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def input_canaries(cfg: ExperimentConfig, tokenizer, data, count: int):
-    """(mislabelled held-out sentences, why none) for classification; (None, why not) otherwise."""
+    """(black-box canaries, None), or (None, why there are none): `count` random-token sequences for the causal
+    LM; for classification, mislabelled held-out sentences (up to `count`, as many as the evaluation leaves)."""
     from fedlora.experiment import prepare_data
 
+    if cfg.task == "causal-lm":
+        return random_token_canaries(tokenizer, count, cfg.seed, cfg.data.max_length), None
     if cfg.task != "classification":
-        return None, NOT_BUILT_CAUSAL
+        return None, f"black-box input canaries are built for classification and causal-lm, not task={cfg.task}"
     tree = cfg.model_dump(exclude_none=True)
     tree["data"].pop("max_eval_examples", None)
     pool = unused_held_out(prepare_data(as_config(tree), tokenizer).test, data.test)
@@ -59,11 +65,17 @@ def input_canaries(cfg: ExperimentConfig, tokenizer, data, count: int):
     return mislabelled(pool, min(count, len(pool)), len(data.label_names), cfg.seed), None
 
 
+def fair_coins(seed: int, white: int, black: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each canary's own fair coin (True: inserted), white-box then black-box, deterministic in `seed`."""
+    rng = np.random.default_rng([seed, 0xA0D18])
+    return rng.random(white) < 0.5, (rng.random(black) < 0.5 if black is not None else None)
+
+
 def audit_sample(config=None, *, overrides=(), canaries: int = 500, out: str | Path | None = None,
                  confidence: float = 0.95, progress: bool = False) -> AuditResult:
     """Run the configured sample-level DP experiment once with `canaries` white-box canaries (and as many
-    black-box ones, up to the unused held-out sentences) in client 0, each on a fair coin; write the audit next
-    to the run (`out`/audit/)."""
+    black-box ones; for classification up to the unused held-out sentences) in client 0, each on a fair coin;
+    write the audit next to the run (`out`/audit/)."""
     from fedlora.engines.local import LocalTransport
     from fedlora.experiment import make_run_dir, prepare_data
     from fedlora.federated_run import Run
@@ -77,25 +89,23 @@ def audit_sample(config=None, *, overrides=(), canaries: int = 500, out: str | P
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model.name)
     data = prepare_data(cfg, tokenizer)
-    sentences, black_note = input_canaries(cfg, tokenizer, data, canaries)
-    rng = np.random.default_rng([cfg.seed, 0xA0D18])
-    white_coins = rng.random(canaries) < 0.5
-    black_coins = rng.random(len(sentences)) < 0.5 if sentences is not None else None
-    if sentences is not None:
-        inserted = sentences.subset(np.flatnonzero(black_coins))
+    inputs, black_note = input_canaries(cfg, tokenizer, data, canaries)
+    white_coins, black_coins = fair_coins(cfg.seed, canaries, len(inputs) if inputs is not None else None)
+    if inputs is not None:
+        inserted = inputs.subset(np.flatnonzero(black_coins))
         data.clients[AUDITED_CLIENT] = with_examples(data.clients[AUDITED_CLIENT], inserted)
     run = Run(cfg, make_run_dir(cfg, str(out) if out else None), RunProgress(enabled=progress), data=data)
     transport = LocalTransport(run)
     gradient = GradientCanaries(white_coins, cfg.seed)
     audited = AuditedSamplePrivacy.of(transport.client_privacy[AUDITED_CLIENT], gradient)
     transport.client_privacy[AUDITED_CLIENT] = audited
-    before = global_losses(run, sentences) if sentences is not None else None
+    before = global_losses(run, inputs) if inputs is not None else None
     summary = run.loop(transport)
     refused = [row["rejected"][k] for row in read_metrics(run.run_dir) for k in (row.get("rejected") or {})
                if int(k) == AUDITED_CLIENT]
     if refused:  # its steps still happened, but the black-box canaries would be scored on a model without them
         raise RuntimeError(f"the server rejected the audited client's update: {refused[0]}")
-    drop = before - global_losses(run, sentences) if sentences is not None else None
+    drop = before - global_losses(run, inputs) if inputs is not None else None
     report = {
         "threat_model": WHITE_BOX,
         "delta": cfg.privacy.delta,
@@ -111,7 +121,7 @@ def audit_sample(config=None, *, overrides=(), canaries: int = 500, out: str | P
                             ever_sampled=gradient.ever_sampled(), steps=gradient.steps,
                             epsilon_lower_bound_raw=one_run_epsilon_lower_bound(
                                 gradient.scores_raw, white_coins, cfg.privacy.delta, confidence)),
-        "black_box": {"threat_model": BLACK_BOX, **scored(drop, black_coins, cfg.privacy.delta, confidence)}
+        "black_box": {"threat_model": BLACK_BOX.format(what=CANARY_KIND[cfg.task]), **scored(drop, black_coins, cfg.privacy.delta, confidence)}
         if drop is not None else {"skipped": black_note},
         "final_accuracy": summary.get("final_accuracy"),
         "seconds": round(time.perf_counter() - t0, 1),

@@ -101,3 +101,13 @@ def test_one_shot_estimate_of_a_known_shift():
     assert est["mu"] == pytest.approx(2.0, abs=0.05)
     assert est["epsilon"] == pytest.approx(epsilon_of_gdp(2.0, 1e-5), rel=0.05)
     assert one_shot_epsilon(inserted, 1e-5, scores_out=null)["mu"] == pytest.approx(2.0, abs=0.06)
+
+
+def test_one_shot_estimate_needs_a_spread_and_never_invents_an_infinite_epsilon():
+    null = np.array([0.0, 0.1, -0.1, 0.05])
+    one = one_shot_epsilon(np.array([0.3]), 1e-5, scores_out=null)  # one inserted canary: no spread to fit
+    assert one["epsilon"] is None and one["mu"] is None and "too few" in one["note"]
+    assert one_shot_epsilon(np.array([0.3, 0.4]), 1e-5, scores_out=np.array([0.0]))["epsilon"] is None
+    # identical scores (noise off): perfectly separated above the null, nothing below it
+    assert math.isinf(one_shot_epsilon(np.array([2.0, 2.0, 2.0]), 1e-5, scores_out=null)["epsilon"])
+    assert one_shot_epsilon(np.array([-1.0, -1.0]), 1e-5, scores_out=null)["epsilon"] == 0.0

@@ -123,10 +123,17 @@ def one_shot_epsilon(scores_in: np.ndarray, delta: float, dim: int | None = None
         null_mean, null_std = float(np.mean(scores_out)), float(np.std(scores_out, ddof=1))
     elif dim:
         null_mean, null_std = 0.0, 1.0 / math.sqrt(dim)
+    elif scores_out is not None:  # one unseen canary or none: no null to fit; no estimate, not a crash
+        return {"epsilon": None, "mu": None, "note": f"{len(scores_out)} unseen canaries: too few to fit the null"}
     else:
         raise ValueError("one_shot_epsilon needs the unseen canaries' scores or the dimension of the null")
+    if len(scores_in) < 2:  # one score has no spread: no estimate (never an infinite one)
+        return {"epsilon": None, "mu": None, "note": f"{len(scores_in)} inserted canaries: too few to fit"}
     mean_in, std_in = float(np.mean(scores_in)), float(np.std(scores_in, ddof=1))
-    mu = max(0.0, (mean_in - null_mean) / std_in) if std_in > 0 else math.inf
+    if std_in > 0:
+        mu = max(0.0, (mean_in - null_mean) / std_in)
+    else:  # every inserted canary scored the same: perfectly separated if above the null's mean, else nothing
+        mu = math.inf if mean_in > null_mean else 0.0
     eps = epsilon_of_gdp(mu, delta) if math.isfinite(mu) else math.inf
     return {"epsilon": eps, "mu": mu, "mean_inserted": mean_in, "std_inserted": std_in, "mean_null": null_mean,
             "std_null": null_std}

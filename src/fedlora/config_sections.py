@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fedlora.architectures import EMBEDDED_MODEL
+from fedlora.scoring import DEFAULT_SCORER, SCORER_NAMES
 from fedlora.strategies import INTERNAL_OPTIONS, available_strategies, validate_options
 from fedlora.tracking import available_trackers
 
@@ -336,6 +337,16 @@ class PrivacyConfig(_Section):
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     max_new_tokens: int = Field(8, ge=1, le=512)  # causal-lm: greedy tokens generated per held-out prompt
+    # causal-lm: how held-out answers are scored (fedlora.scoring): label-match (prefix match after
+    # normalisation) | exact-match | rouge-l | multiple-choice (log-likelihood of each option, no generation)
+    scorer: str = DEFAULT_SCORER
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, v):
+        if v not in SCORER_NAMES:
+            raise ValueError(f"unknown scorer {v!r}; available: {', '.join(SCORER_NAMES)}")
+        return v
 
 
 class OutputConfig(_Section):

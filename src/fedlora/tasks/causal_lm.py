@@ -7,19 +7,21 @@ the label's name (rotten_tomatoes: "positive"/"negative", bbc_news: the topic); 
 and a key column can drive the partitions). The model's chat template is
 applied when it has one (`data.system_prompt` as the system turn). The loss covers the response tokens only,
 averaged per example, then over the batch (what DP-SGD's per-example clipping expects). The score is
-generation-based: greedy decoding of `eval.max_new_tokens` from each held-out prompt, batched with left
-padding, counted correct when the normalised output starts with the normalised reference answer
-(label-match; for one-word answers this is exact match up to case, punctuation and trailing text).
+`eval.scorer`'s (fedlora.scoring): by default generation-based, greedy decoding of `eval.max_new_tokens` from
+each held-out prompt, batched with left padding, counted correct when the normalised output starts with the
+normalised reference answer (label-match; for one-word answers this is exact match up to case, punctuation and
+trailing text); or exact match, ROUGE-L, or multiple-choice log-likelihood (tasks/choice_scoring.py).
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
 from typing import Any
 
 import numpy as np
 
 from fedlora.devices import model_device, to_device
+from fedlora.scoring import DEFAULT_SCORER, LIKELIHOOD_SCORERS, generation_scorer, label_match, normalise  # noqa: F401
 from fedlora.tasks.base import Task
 
 # What an embedded labelled set asks; the answer is the label's name.
@@ -31,14 +33,9 @@ INSTRUCTIONS = {
 }
 
 
-def normalise(text: str) -> str:
-    """Lower case, no punctuation, single spaces: how answers are compared."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 def matches(generated: str, answer: str) -> bool:
-    g, a = normalise(generated), normalise(answer)
-    return bool(a) and (g == a or g.startswith(a + " "))
+    """label-match (fedlora.scoring), the default scorer."""
+    return bool(label_match(generated, answer))
 
 
 class CausalLM(Task):
@@ -244,23 +241,51 @@ class CausalLM(Task):
         return token_loss.sum(dim=1) / counted
 
     def evaluate(self, model, data, batch_size, pad_id):
-        """(mean response loss, label-match accuracy of greedy generations)."""
+        """(mean response loss, the score of `eval.scorer`)."""
+        report = self.evaluate_report(model, data, batch_size, pad_id)
+        return report["loss"], report["score"]
+
+    def evaluate_report(self, model, data, batch_size, pad_id, scorer: str | None = None,
+                        choices: list[list[str]] | None = None) -> dict:
+        """loss, score and the scorer's own figures (multiple-choice: acc, acc_norm) of the active model on
+        `data`; `choices`: per-example options for multiple-choice (default: the data's distinct answers)."""
         import torch
 
+        scorer = scorer or self.scorer
+        score_one = None if scorer in LIKELIHOOD_SCORERS else generation_scorer(scorer)
         order = np.argsort([len(x) for x in data.input_ids], kind="stable")
-        total, correct = 0.0, 0
+        total, points = 0.0, 0.0
         with torch.inference_mode():
             device = model_device(model)
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
                 total += float(self.loss(model, to_device(self.collate(data, idx, pad_id), device))) * len(idx)
-                outputs = self.generate(model, [data.input_ids[i][: data.prompt_len[i]] for i in idx], pad_id,
-                                        self.max_new_tokens)
-                correct += sum(matches(o, data.answers[i]) for o, i in zip(outputs, idx))
+                if score_one is not None:
+                    outputs = self.generate(model, [data.input_ids[i][: data.prompt_len[i]] for i in idx], pad_id,
+                                            self.max_new_tokens)
+                    points += sum(score_one(o, data.answers[i]) for o, i in zip(outputs, idx))
         n = max(len(order), 1)
-        return total / n, correct / n
+        report = {"loss": total / n, "scorer": scorer, "examples": len(order)}
+        if score_one is None:
+            from fedlora.tasks.choice_scoring import score_choices
+
+            figures = score_choices(model, self.tokenizer, data, batch_size, pad_id, choices)
+            return report | figures | {"score": figures["acc"]}
+        return report | {"score": points / n}
+
+    def eval_protocol(self, cfg, shots: int = 0) -> dict:
+        """How the held-out score is computed: scorer, shots, prompt template (stated in every report)."""
+        chat = getattr(self.tokenizer, "chat_template", None)
+        template = (f"chat template sha256:{hashlib.sha256(str(chat).encode()).hexdigest()[:12]}" if chat
+                    else "plain: prompt, newline")
+        if cfg.data.name in INSTRUCTIONS:
+            template += f"; instruction {cfg.data.name}"
+        return {"scorer": self.scorer, "shots": shots, "template": template,
+                "system_prompt": cfg.data.system_prompt,
+                "max_new_tokens": None if self.scorer in LIKELIHOOD_SCORERS else self.max_new_tokens}
 
     max_new_tokens = 8  # set from cfg.eval.max_new_tokens when the run's model is built
+    scorer = DEFAULT_SCORER  # set from cfg.eval.scorer when the run's model is built
 
     def generate(self, model, prompts: list[np.ndarray], pad_id: int, max_new_tokens: int) -> list[str]:
         """Greedy continuations of token-id prompts, batched with left padding; decoded, special tokens cut."""
@@ -281,7 +306,7 @@ class CausalLM(Task):
     def base_model(self, cfg, num_outputs):
         from fedlora.models import load_causal_lm, load_tokenizer, quantization_config
 
-        self.max_new_tokens = cfg.eval.max_new_tokens
+        self.max_new_tokens, self.scorer = cfg.eval.max_new_tokens, cfg.eval.scorer
         self.tokenizer = load_tokenizer(cfg.model.name)
         return load_causal_lm(cfg.model.name, cfg.seed, quantization_config(cfg), cfg.model.dtype)
 

@@ -53,7 +53,7 @@ def test_choice_metrics_acc_and_length_normalised_acc():
     # Example 0: "a longer option" has the lower total (-6 < -2) but the better per-character (-0.4 < -1).
     lp = [np.array([-2.0, -6.0]), np.array([-1.0, -30.0])]
     m = choice_metrics(lp, opts, ["a longer option", "no"])
-    assert m == {"acc": 0.5, "acc_norm": 1.0}
+    assert m == {"acc": 0.5, "acc_norm": 1.0, "outputs": ["no", "no"]}
     with pytest.raises(UserError, match="not among"):
         choice_metrics(lp, opts, ["maybe", "no"])
     assert closed_set(["b", "a", "b"]) == ["a", "b"]

@@ -110,7 +110,10 @@ class FederationConfig(_Section):
     # examples per round, regrouped into batches of similar length (less padding; effect on accuracy measured in
     # the README). DP-SGD draws Poisson batches and is refused with it.
     batching: Literal["random", "length-buckets"] = "random"
-    partition: Literal["iid", "dirichlet", "label-skew", "fractions", "key", "quantity"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "label-skew", "fractions", "key", "quantity", "clusters", "length"] = "dirichlet"
+    # partition = clusters | length (task=causal-lm): k-means clusters of the prompts' MiniLM embeddings, or length
+    # quantile buckets, each divided over clients in Dirichlet(alpha) shares; how many clusters or buckets:
+    groups: int = Field(4, ge=2, le=256)
     alpha: float = Field(5.0, gt=0.0)  # Dirichlet concentration (per class over clients; 2 labels: 5 gives mixed but skewed clients)
     label_fractions: list[list[float]] | None = None  # partition=fractions: per-client label proportions
     ranks: list[int] | None = None  # per-client LoRA ranks, cycled over clients; None: lora.rank for all

@@ -59,15 +59,17 @@ def option_logprobs(model, prompts: list[np.ndarray], options: list[list[np.ndar
 
 def choice_metrics(logprobs: list[np.ndarray], options: list[list[str]], answers: list[str]) -> dict:
     """acc and acc_norm over examples whose reference is one of its options (refused otherwise)."""
-    correct = correct_norm = 0
+    picks, picks_norm, gold = [], [], []
     for lp, opts, answer in zip(logprobs, options, answers):
         if answer not in opts:
             raise UserError(f"scorer multiple-choice: the reference {answer!r} is not among its options {opts}")
-        gold = opts.index(answer)
-        correct += int(np.argmax(lp)) == gold
-        correct_norm += int(np.argmax(lp / np.asarray([max(len(o), 1) for o in opts], dtype=np.float64))) == gold
+        gold.append(opts.index(answer))
+        picks.append(int(np.argmax(lp)))
+        picks_norm.append(int(np.argmax(lp / np.asarray([max(len(o), 1) for o in opts], dtype=np.float64))))
     n = max(len(answers), 1)
-    return {"acc": correct / n, "acc_norm": correct_norm / n}
+    return {"acc": sum(p == g for p, g in zip(picks, gold)) / n,
+            "acc_norm": sum(p == g for p, g in zip(picks_norm, gold)) / n,
+            "outputs": [opts[p] for opts, p in zip(options, picks)]}
 
 
 def score_choices(model, tokenizer, data, batch_size: int, pad_id: int,

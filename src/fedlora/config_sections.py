@@ -110,7 +110,8 @@ class FederationConfig(_Section):
     # examples per round, regrouped into batches of similar length (less padding; effect on accuracy measured in
     # the README). DP-SGD draws Poisson batches and is refused with it.
     batching: Literal["random", "length-buckets"] = "random"
-    partition: Literal["iid", "dirichlet", "label-skew", "fractions", "key", "quantity", "clusters", "length"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "label-skew", "fractions", "key", "quantity", "clusters",
+                       "length"] = "dirichlet"
     # partition = clusters | length (task=causal-lm): k-means clusters of the prompts' MiniLM embeddings, or length
     # quantile buckets, each divided over clients in Dirichlet(alpha) shares; how many clusters or buckets:
     groups: int = Field(4, ge=2, le=256)

@@ -49,7 +49,9 @@ def option_logprobs(model, prompts: list[np.ndarray], options: list[list[np.ndar
                 mask[row, width - len(q):] = 1
             ids_t = torch.from_numpy(ids).to(device)
             logits = model(input_ids=ids_t, attention_mask=torch.from_numpy(mask).to(device),
-                           logits_to_keep=keep).logits[:, :-1].float()
+                           logits_to_keep=keep).logits[:, :-1]
+            if logits.dtype in (torch.float16, torch.bfloat16):  # half precision: soft-max in float32
+                logits = logits.float()
             targets = ids_t[:, width - (keep - 1):]
             logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0].cpu().numpy()
             for row, ((i, j), n) in enumerate(zip(chunk, lens)):

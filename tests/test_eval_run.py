@@ -38,6 +38,11 @@ def test_eval_reproduces_the_runs_last_logged_score(tmp_path, capsys, monkeypatc
     assert report["eval_protocol"] == row["eval_protocol"]
     assert len(report["outputs"]) == len(report["answers"]) == len(report["points"]) == 6
     assert np.mean(report["points"]) == report["score"]
+    # `fedlora report` states how each run was scored.
+    from fedlora.report import compare_runs
+
+    md = compare_runs([result.run_dir], tmp_path / "report").read_text()
+    assert f"- run: scored by label-match, 0 shots, template {row['eval_protocol']['template']}" in md
     assert main(["eval", str(tmp_path)]) == 2  # not a run folder: one line
     assert "not a run folder" in capsys.readouterr().err
     _lm_eval_task_of_the_held_out_split(result.run_dir, report, capsys, monkeypatch)

@@ -161,13 +161,16 @@ class Deployment:
             raise DeployError(f"registering {public_key.name} failed: {(done.stdout + done.stderr).strip()[-300:]}")
 
     def start_supernode(self, name: str, private_key: Path, partition: int, num_partitions: int,
-                        extra: list[str] = (), threads: int | None = None) -> subprocess.Popen:
-        """`threads`: torch threads of this node's ClientApp processes; co-located nodes should share the cores."""
+                        extra: list[str] = (), threads: int | None = None,
+                        node_config: dict[str, str | int | float] | None = None) -> subprocess.Popen:
+        """`threads`: torch threads of this node's ClientApp processes; co-located nodes should share the cores.
+        `node_config`: more --node-config keys, e.g. a device profile {"flaas-memory-mb": 2048, ...}."""
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+        more = "".join(f" {k}={_toml_value(v)}" for k, v in (node_config or {}).items())
         return self._start(name, [
             "flower-supernode", "--superlink", self.address, "--root-certificates", str(self.certs / "ca.crt"),
             "--auth-supernode-private-key", str(private_key),
-            "--node-config", f"partition-id={partition} num-partitions={num_partitions}",
+            "--node-config", f"partition-id={partition} num-partitions={num_partitions}{more}",
             "--port", str(free_port()),  # the SuperNode's own runtime API, for its ClientApp processes
             *extra,
         ], env)

@@ -34,11 +34,13 @@ def pytest_configure(config):
     )
 
 
-# Under pytest-xdist (`-n 2 --dist loadgroup`, see pyproject's addopts): the tests that start Flower (Ray, a
-# SuperLink, SuperNodes) or `fedlora` subprocesses run one after the other in one worker, as they did without
-# xdist; the tests that build and read the cached LLM conversion likewise in one worker; the rest spreads over
-# both. Without xdist the marker does nothing.
-GROUPS = {"processes": ("test_flower", "test_deploy", "test_resume", "test_faults"),
+# Under pytest-xdist (`-n 2 --dist loadgroup`, see pyproject's addopts): the tests that start Flower processes
+# (Ray, a SuperLink, SuperNodes) or `fedlora` subprocesses run one after the other in one worker, as they did
+# without xdist; the tests that build and read the cached LLM conversion likewise in one worker; the rest spreads
+# over both, the Flower tests that drive the transport in this process (test_flower_loop, _replies, _wire)
+# included: that group is the longest, and they start no process.
+GROUPS = {"processes": ("test_flower_deploy", "test_flower_sim", "test_flower_secagg", "test_deploy", "test_resume",
+                        "test_faults"),
           "llm": ("test_causal_lm", "test_chat"),
           "bench": ("test_bench",)}  # its tests reuse the suites' cached outputs within one worker
 

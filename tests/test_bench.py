@@ -25,8 +25,9 @@ PNGS = {
     "paper-rbla": ["rbla_accuracy_vs_rounds.png", "rbla_slot_norms.png"],
     "speed": ["aggregation_time.png"],
     "comm": [],  # one table, no plots
+    "flaas": [],
 }
-TABLES = {"paper-ffa": 4, "paper-rbla": 2, "speed": 4, "comm": 1}  # at least this many markdown tables
+TABLES = {"paper-ffa": 4, "paper-rbla": 2, "speed": 4, "comm": 1, "flaas": 1}  # at least this many markdown tables
 
 
 def _tables(md: str) -> list[str]:

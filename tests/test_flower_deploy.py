@@ -20,6 +20,7 @@ from flower_procs import ProcessTag, load_deploy_local
 from fedlora.client import collate
 from fedlora.config import load_config
 from fedlora.experiment import prepare_data
+from fedlora.federated_run import Run
 from fedlora.metrics import read_metrics
 from fedlora.models import load_base_model, load_tokenizer
 
@@ -32,6 +33,17 @@ MAJORITY_CLASS = 0.578  # rotten_tomatoes: 7368 positive of 12752
 
 
 deploy_local = load_deploy_local()
+
+# Device profiles the SuperNodes declare in --node-config: node 0's slow uplink misses the 2 s deadline at rank 8.
+NODE_PROFILES = [{"flaas-memory-mb": 4096, "flaas-upload-mbps": 0.5, "flaas-download-mbps": 100, "flaas-gflops": 1000},
+                 {"flaas-memory-mb": 4096, "flaas-upload-mbps": 100, "flaas-download-mbps": 100, "flaas-gflops": 1000}]
+FLAAS = ["flaas.ranks=[4,8]", "flaas.deadline_s=2.0",
+         "flaas.profiles=[{memory_mb=4096,upload_mbps=100,download_mbps=100,gflops=1000}]"]
+
+
+def _toml_profiles(profiles: list[dict]) -> str:
+    return "[" + ",".join("{" + ",".join(f"{k.removeprefix('flaas-').replace('-', '_')}={v}" for k, v in p.items())
+                          + "}" for p in profiles) + "]"
 
 
 @pytest.fixture
@@ -80,18 +92,23 @@ def test_two_supernodes_with_tls_and_node_auth_train_ffa_mixed_ranks(deployment)
     assert code not in (None, 0), "a SuperNode with an unregistered key was not refused"
     assert "Failed to activate SuperNode" in dep.log("intruder").read_text()
 
-    for k, (private, _) in enumerate(keys):
-        dep.start_supernode(f"node-{k}", private, k, 2, threads=1)  # two nodes share this machine's cores
+    for k, (private, _) in enumerate(keys):  # two nodes share this machine's cores
+        dep.start_supernode(f"node-{k}", private, k, 2, threads=1, node_config=NODE_PROFILES[k])
     run_dir = dep.workdir / "run"
     config = ROOT / "configs" / "flower-demo.toml"
-    done = dep.run({"config": str(config), "out": str(run_dir), "node-wait": 60.0, "round-timeout": 150.0},
-                   timeout=240.0)
+    done = dep.run({"config": str(config), "out": str(run_dir), "node-wait": 60.0, "round-timeout": 150.0,
+                    "overrides": " ".join(FLAAS)}, timeout=240.0)
     log = (done.stdout + done.stderr)[-2000:]
     assert done.returncode == 0 and (run_dir / "summary.json").exists(), log
 
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["clients"] == [0, 1] and r["dropped"] == [] and r["ranks"] == {"0": 4, "1": 8} for r in rows)
+    # The ranks are the plan from the profiles the SuperNodes declared (the config's own profile fits rank 8 for
+    # both), the same plan as in process from those profiles.
+    in_process = Run(load_config(config, [*FLAAS[:-1], f"flaas.profiles={_toml_profiles(NODE_PROFILES)}"]),
+                     dep.workdir / "in-process").flaas.plan.to_json()
+    assert all(r["flaas_plan"] == in_process == {"ranks": {"0": 4, "1": 8}, "sit_out": {}} for r in rows)
     # FFA sends B and the head, never A: 12 modules of 384 x rank, per client and direction.
     head = rows[0]["bytes_up_head"] // 2
     assert rows[0]["bytes_up"] == 12 * 384 * (4 + 8) * 4 + 2 * head

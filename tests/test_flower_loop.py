@@ -139,6 +139,16 @@ def test_nodes_must_say_which_client_they_are():
     # A SuperNode restarted mid-run comes back under a new node id: only it is asked, and it takes over.
     grid = InProcessGrid(app, _nodes(2) + [{"partition-id": 0, "num-partitions": 2}])
     assert map_nodes(grid, cfg, FlowerOptions(node_wait_s=0.0), {0: 100, 1: 101}, QUIET) == {0: 102, 1: 101}
+    # Device profiles (fedlora.flaas): a node's flaas-* keys reach the server; a restarted node's new ones replace
+    # them (the run then re-plans); other node config keys do not travel.
+    phone = {"flaas-memory-mb": 2048, "flaas-upload-mbps": 5, "flaas-download-mbps": 20, "flaas-gflops": 15}
+    profiles: dict = {}
+    nodes = [{**n, **phone, "data-path": "/secret"} for n in _nodes(2)]
+    map_nodes(InProcessGrid(app, nodes), cfg, FlowerOptions(node_wait_s=0.0), {}, QUIET, profiles)
+    assert profiles == {0: phone, 1: phone}
+    grid = InProcessGrid(app, nodes + [{**nodes[0], "flaas-upload-mbps": 50}])
+    map_nodes(grid, cfg, FlowerOptions(node_wait_s=0.0), {0: 100, 1: 101}, QUIET, profiles)
+    assert profiles == {0: {**phone, "flaas-upload-mbps": 50}, 1: phone}
 
 
 class _Stop(Exception):

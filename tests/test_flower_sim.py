@@ -22,6 +22,10 @@ TINY = [
     "federation.batch_size=16", "federation.partition=iid", "federation.ranks=[4, 8]", "strategy.name=ffa",
     "optim.lr=3e-2", "output.save_adapter=false", "output.progress=false",
 ]
+# Planned ranks (fedlora.flaas): client 0's slow uplink misses the 2 s deadline at rank 8, so the plan is [4, 8].
+FLAAS = ["flaas.profiles=[{memory_mb=4096, upload_mbps=0.5, download_mbps=100, gflops=1000},"
+         " {memory_mb=4096, upload_mbps=100, download_mbps=100, gflops=1000}]", "flaas.ranks=[4, 8]",
+         "flaas.deadline_s=2.0"]
 
 
 
@@ -45,9 +49,9 @@ def raise_in_round_2_on_client_1(rnd: int, client: int) -> None:
 
 
 def test_local_and_flower_sim_give_the_same_rounds(tmp_path):
-    cfg = load_config(None, TINY + ["federation.num_clients=2"])
+    cfg = load_config(None, TINY + FLAAS + ["federation.num_clients=2"])
     local_sum = execute(Run(cfg, make_run_dir(cfg, str(tmp_path / "local")), QUIET))
-    sim_cfg = load_config(None, TINY + ["federation.num_clients=2", "engine=flower-sim"])
+    sim_cfg = load_config(None, TINY + FLAAS + ["federation.num_clients=2", "engine=flower-sim"])
     sim_sum = execute(Run(sim_cfg, make_run_dir(sim_cfg, str(tmp_path / "sim")), QUIET))
     local, sim = read_metrics(tmp_path / "local"), read_metrics(tmp_path / "sim")
     assert len(local) == len(sim) == 2
@@ -57,6 +61,9 @@ def test_local_and_flower_sim_give_the_same_rounds(tmp_path):
         # Nothing nondeterministic is left: the clients' losses and the payload sizes agree exactly.
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-6 and abs(a["eval_loss"] - b["eval_loss"]) <= 1e-6
         assert (a["bytes_up"], a["bytes_down"], a["clients"]) == (b["bytes_up"], b["bytes_down"], b["clients"])
+        # the same profiles give the same plan, and the same simulated clock from the same bytes
+        assert a["flaas_plan"] == b["flaas_plan"] == {"ranks": {"0": 4, "1": 8}, "sit_out": {}}
+        assert a["ranks"] == b["ranks"] == {"0": 4, "1": 8} and a["sim_client_s"] == b["sim_client_s"]
     assert sim[0]["client_setup_s"] > 0 and sim[1]["client_setup_s"] == 0  # the model loads once per actor
 
 

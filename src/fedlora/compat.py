@@ -78,6 +78,15 @@ def _secure_aggregation(cfg, strategy) -> str | None:
     return secagg_refusal(cfg, strategy) if cfg.privacy.secure_aggregation else None
 
 
+def _flaas(cfg, strategy) -> str | None:
+    """A straggler is dropped after it trained (fedlora.flaas.service); SecAgg's sum cannot drop a member."""
+    f = cfg.flaas
+    if f is not None and f.simulate and f.deadline_s is not None and cfg.privacy.secure_aggregation:
+        return ("flaas.deadline_s cannot drop stragglers from a secure sum (privacy.secure_aggregation): "
+                "leave flaas.deadline_s unset, or flaas.simulate = false")
+    return None
+
+
 RULES: dict[str, Callable] = {
     "mixed ranks": _mixed_ranks,
     "sample-level DP": _sample_dp,
@@ -86,6 +95,7 @@ RULES: dict[str, Callable] = {
     "quantized base": _quantized_base,
     "partition by text groups": _text_groups,
     "secure aggregation": _secure_aggregation,
+    "flaas": _flaas,
 }
 
 

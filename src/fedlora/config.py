@@ -24,6 +24,7 @@ from fedlora.config_sections import (  # noqa: F401  (re-exported)
     DataConfig,
     DPOptimConfig,
     EvalConfig,
+    FlaasConfig,
     FederationConfig,
     LoraConfigSection,
     ModelConfig,
@@ -50,6 +51,7 @@ class ExperimentConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    flaas: FlaasConfig | None = None  # planned ranks, simulated devices (docs/flaas.md); absent: off
 
     @field_validator("task")
     @classmethod

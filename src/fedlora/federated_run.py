@@ -36,6 +36,7 @@ from fedlora.experiment import (
     prepare_data,
     run_summary,
 )
+from fedlora.flaas.service import FlaasService
 from fedlora.metrics import MetricsWriter, read_metrics, write_summary
 from fedlora.host import ModelHost, adapter_name, load_tokenizer
 from fedlora.progress import RunProgress
@@ -72,6 +73,10 @@ class Transport(ABC):
 
     def merged(self, run: "Run", base_delta: dict[str, np.ndarray]) -> None:
         """The server merged `base_delta` into its base weights; clients must do the same (FLoRA, FedEx)."""
+
+    def node_profiles(self) -> dict[int, dict]:
+        """client -> the `flaas-*` profile keys its node declared (Flower --node-config), unchecked; {} if none."""
+        return {}
 
     def round_metrics(self, run: "Run") -> dict:
         """Extra keys for the round's metrics row, after the global model of the round exists."""
@@ -124,10 +129,20 @@ class Run:
         self.progress.note(self.data.load_summary)
         self.host = ModelHost(cfg, len(self.data.label_names), set(cfg.client_ranks()))
         dims = lora.module_dims(self.host.model)
+        self.flaas: FlaasService | None = None
+        if cfg.flaas is not None:  # the server plans the ranks: federation.ranks becomes the plan
+            head = lora.get_head(self.host.model, adapter_name(max(cfg.client_ranks())))
+            self.flaas = FlaasService(cfg, self.host.model, dims, sum(h.size for h in head.values()),
+                                      strategy or get_strategy(cfg.strategy.name, **cfg.strategy.options))
+            cfg = self.cfg = checked(self.flaas.planned_config(cfg), strategy)
+            self.progress.note(f"flaas: planned ranks {self.flaas.plan.to_json()}")
         self.strategy = strategy if strategy is not None else build_strategy(cfg, dims)
         r_max = max(cfg.client_ranks())
+        self.host.ensure_rank(r_max)
         self.server = Server(cfg, self.strategy, dims, lora.get_head(self.host.model, adapter_name(r_max)),
                              [len(c) for c in self.data.clients])
+        if self.flaas is not None:
+            self.flaas.attach(self.server)
         self.before: tuple[float, float] | None = None  # (loss, accuracy) of the global model before round 1
         self._resume_state: dict | None = None
 
@@ -174,11 +189,18 @@ class Run:
         while server.round < cfg.federation.rounds:
             t_round = time.perf_counter()
             transport.begin_round(self)
+            if self.flaas is not None:
+                self.flaas.observe(transport.node_profiles(), self.progress.note)
             sampled = server.sample_clients()
             dropped = {c: "dropped out (simulated failure)" for c in server.draw_dropouts(sampled)}
+            if self.flaas is not None:  # nothing fits them, or they are offline (simulated availability)
+                dropped.update(self.flaas.excluded(server.round + 1, [c for c in sampled if c not in dropped]))
             active = [c for c in sampled if c not in dropped]
             self.progress.start_round(server.round + 1, len(active) * cfg.local_steps())
             replies = transport.train(self, active)
+            if self.flaas is not None:  # the simulated clock; stragglers past the deadline leave the round
+                replies = self.flaas.settle(replies, replies.traffic[0] if replies.traffic
+                                            else replies.extra.get("bytes_up"))
             dropped.update(replies.dropped)
             # Aggregate in client order whatever the arrival order: float sums then agree across engines.
             updates = sorted(replies.updates, key=lambda u: u.client_id)

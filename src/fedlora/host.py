@@ -67,13 +67,17 @@ def lora_config(cfg: ExperimentConfig, rank: int, options: dict):
 class ModelHost:
     """One base model with a LoRA adapter per rank; `activate(rank)` sets what trains for a strategy."""
 
-    def __init__(self, cfg: ExperimentConfig, num_labels: int, ranks: set[int] | list[int]):
+    def __init__(self, cfg: ExperimentConfig, num_labels: int, ranks: set[int] | list[int],
+                 base: torch.nn.Module | None = None, tokenizer=None):
+        """`base`, `tokenizer`: a base model and tokenizer built in code instead of the task's `base_model` and
+        `model.name`'s tokenizer (the GPU check trains random-weight models built from a config; the trainer
+        reads only the tokenizer's pad_token_id)."""
         from peft import get_peft_model
 
         self.cfg = cfg
         self.task = get_task(cfg.task)
-        self.tokenizer = load_tokenizer(cfg.model.name)
-        base = place(self.task.base_model(cfg, num_labels), cfg)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.name)
+        base = place(base if base is not None else self.task.base_model(cfg, num_labels), cfg)
         self.device = model_device(base)
         self.options = adapter_options(cfg, base)
         ranks = sorted(set(ranks))

@@ -33,6 +33,7 @@ class Server:
         self.client_sizes = list(client_sizes)
         self.client_ranks = cfg.client_ranks()
         self.r_max = max(self.client_ranks)  # the federation's widest rank: client-level DP's fixed width
+        self.plannable_ranks: set[int] = set()  # ranks a re-plan may assign (fedlora.flaas): downlinks kept for them
         self.round = 0
         self.head = head
         self.base_delta: dict[str, np.ndarray] = {}  # everything merged into the base weights so far
@@ -148,7 +149,7 @@ class Server:
             for name, d in result.base_delta.items():
                 self.base_delta[name] = self.base_delta.get(name, 0) + d
             self._fresh = False
-            ranks_needed = set(self.client_ranks) | {self.r_max}
+            ranks_needed = set(self.client_ranks) | {self.r_max} | self.plannable_ranks
             self._downlinks = {} if self.strategy.fresh_lora_each_round else \
                 {r: result.downlink(r) for r in ranks_needed}
             self._base_nbytes = int(result.base_delta_nbytes())

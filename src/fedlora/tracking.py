@@ -34,6 +34,7 @@ PER_CLIENT_FIELDS = frozenset({
     "samples", "train_s", "samples_per_s", "wall_s", "client_setup_s",
     "bytes_up", "bytes_up_head", "bytes_down",
     "secagg_stage_s", "secagg_reply_arrays", "secagg_sums_received", "secagg_clipped",
+    "flaas_plan", "sim_round_s", "sim_client_s",  # who trained at which rank, and how long each took (flaas)
 })
 STATE_FILE = "trackers.json"  # run ids a resumed run continues
 

@@ -29,6 +29,7 @@ SUITES: dict[str, str] = {
     "paper-rbla-scaling": "fedlora.bench.paper_rbla_scaling",
     "speed": "fedlora.bench.speed",
     "comm": "fedlora.bench.comm",  # compressed uploads: accuracy and bytes per round (issue 19)
+    "flaas": "fedlora.bench.flaas",  # planned ranks on a simulated device population (issue 32)
 }
 SIZES = ("full", "quick", "smoke")
 

@@ -33,6 +33,7 @@ from fedlora.client_state import ClientStateStore
 from fedlora.config import ExperimentConfig
 from fedlora.engines.flower_secagg import SECAGG_INS, secagg_mod, secure_reply
 from fedlora.engines.flower_wire import BaseEntry, decode_base_entries, decode_downlink, encode_update
+from fedlora.flaas.profiles import node_profile_fields
 from fedlora.host import ModelHost
 
 PARTITION_KEY = "partition-id"
@@ -290,6 +291,7 @@ def handle_query(msg: Message, context: Context) -> Message:
     """Which client this node is: the server maps client ids to node ids with it before round 1."""
     pid, n = node_partition(context.node_config)
     reply = {PARTITION_KEY: pid} | ({} if n is None else {NUM_PARTITIONS_KEY: n})
+    reply |= node_profile_fields(context.node_config)  # what this device declares it has (fedlora.flaas)
     return Message(RecordDict({"node": ConfigRecord(reply)}), reply_to=msg)
 
 

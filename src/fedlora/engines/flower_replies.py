@@ -146,6 +146,22 @@ def decode_node_info(content: RecordDict, partition_key: str, partitions_key: st
         raise malformed(exc) from None
 
 
+def decode_node_profile(content: RecordDict, prefix: str, limit: int = 16) -> dict:
+    """The profile keys (`prefix`*) a node declares beside its partition: numbers or short text, at most
+    `limit` of them; what they mean is checked by the server's planner (fedlora.flaas.profiles)."""
+    try:
+        values = dict(record(content, "node", ConfigRecord))
+    except BadReply as exc:
+        raise malformed(exc) from None
+    out = {k: v for k, v in values.items() if isinstance(k, str) and k.startswith(prefix)}
+    if len(out) > limit:
+        raise malformed(BadReply(f"node profile has {len(out)} keys, more than {limit}"))
+    for k, v in out.items():
+        if not ((_is_number(v) and -1e308 < v < 1e308) or (isinstance(v, str) and len(v) <= 64)):
+            raise malformed(BadReply(f"node profile {_short(k)} is not a finite number or short text"))
+    return out
+
+
 @dataclass(frozen=True)
 class Member:
     """A SecAgg+ contributor's metadata (its arrays are only in the sum)."""

@@ -27,10 +27,12 @@ from fedlora.engines.flower_replies import (
     BadReply,
     decode_evaluation,
     decode_node_info,
+    decode_node_profile,
     decode_skip,
 )
 from fedlora.engines.flower_wire import BaseEntry, decode_update, encode_downlink, encode_update
 from fedlora.experiment import dense_to_factors
+from fedlora.flaas.profiles import NODE_PREFIX
 from fedlora.progress import RunProgress
 from fedlora.federated_run import RoundReplies, Run, Transport
 
@@ -48,8 +50,9 @@ class FlowerOptions:
 
 # -- nodes ------------------------------------------------------------------------------------------------------
 def map_nodes(grid: Grid, cfg: ExperimentConfig, options: FlowerOptions, known: dict[int, int],
-              progress: RunProgress) -> dict[int, int]:
-    """client id -> node id, asking each new node its partition id. Waits up to node_wait_s for all clients."""
+              progress: RunProgress, profiles: dict[int, dict] | None = None) -> dict[int, int]:
+    """client id -> node id, asking each new node its partition id (and the profile it declares, into
+    `profiles`). Waits up to node_wait_s for all clients."""
     n = cfg.federation.num_clients
     mapping, asked = dict(known), set(known.values())
     deadline = time.monotonic() + options.node_wait_s
@@ -74,6 +77,12 @@ def map_nodes(grid: Grid, cfg: ExperimentConfig, options: FlowerOptions, known: 
                 if not 0 <= pid < n:
                     raise FlowerRunError(f"a SuperNode has partition-id={pid}, outside 0..{n - 1}")
                 mapping[pid] = int(reply.metadata.src_node_id)  # a restarted node replaces the old one
+                if profiles is not None:
+                    try:
+                        profiles[pid] = decode_node_profile(reply.content, NODE_PREFIX)
+                    except BadReply as exc:  # checked again by the planner; an unreadable one is no profile
+                        progress.note(f"node {reply.metadata.src_node_id}: {exc}")
+                        profiles[pid] = {f"{NODE_PREFIX}unreadable": 1}
         if len(mapping) >= n or time.monotonic() > deadline:
             break
         time.sleep(1.0)
@@ -96,17 +105,21 @@ class FlowerTransport(Transport):
         self.base_log: list[BaseEntry] = []  # every merged delta, factored: what late clients still need
         self.primed: set[int] = set()  # nodes that got an instruction from this process
         self.rounds_here = 0
+        self.profiles: dict[int, dict] = {}  # client id -> the profile keys its node declared (fedlora.flaas)
 
     # -- Transport ---------------------------------------------------------------------------------------------
     def open(self, run: Run) -> None:
         self.config_toml = run.cfg.to_toml()
-        self.nodes = map_nodes(self.grid, run.cfg, self.options, self.nodes, run.progress)
+        self.nodes = map_nodes(self.grid, run.cfg, self.options, self.nodes, run.progress, self.profiles)
 
     def begin_round(self, run: Run) -> None:
         if self.rounds_here:  # a SuperNode that (re)connected since: ask it which client it is, without waiting
             now = replace(self.options, node_wait_s=0.0)
-            self.nodes = map_nodes(self.grid, run.cfg, now, self.nodes, run.progress)
+            self.nodes = map_nodes(self.grid, run.cfg, now, self.nodes, run.progress, self.profiles)
         self.rounds_here += 1
+
+    def node_profiles(self) -> dict[int, dict]:
+        return dict(self.profiles)
 
     def train(self, run: Run, clients: list[int]) -> RoundReplies:
         if run.cfg.privacy.secure_aggregation:  # the round as Flower's SecAgg+ protocol: the server gets the sum

@@ -136,20 +136,24 @@ def lm_eval_run(run_dir: Path, task: str, task_file: str | None = None, scorer: 
         results = lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": base, "peft": str(adapter), "dtype": "float32"},
             tasks=[name], task_manager=manager, device="cpu", batch_size=batch_size, limit=limit,
-            log_samples=False)
+            log_samples=True)
     except (ConnectionError, OSError) as exc:  # data not local: one line, not a traceback
         raise UserError(f"--lm-eval {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
                         "(offline: give a task YAML with dataset_path: json and local data_files)") from None
     out = run_dir / "eval" / f"lm-eval-{name}.json"
     out.parent.mkdir(exist_ok=True)
     kept = {k: results.get(k) for k in ("results", "n-shot", "configs", "versions", "n-samples")}
+    # Per example: the harness' target and its filtered responses (multiple choice: each option's
+    # (log-likelihood, is-greedy); generation: the text), to set beside `fedlora eval`'s per-example report.
+    kept["samples"] = [{"doc_id": x.get("doc_id"), "target": x.get("target"), "resps": x.get("filtered_resps")}
+                       for x in results.get("samples", {}).get(name, [])]
     out.write_text(json.dumps(kept, indent=1, default=str) + "\n")
     version = getattr(lm_eval, "__version__", "")
     lines = [f"lm-evaluation-harness {version} on pretrained={base},peft={adapter} "
              f"({results['n-shot'].get(name, 0)} shots; template: the task's doc_to_text"
              f"{', the prompts as fedlora renders them' if task == HELD_OUT else ''})"]
     for metric, value in sorted(results["results"][name].items()):
-        if isinstance(value, (int, float)) and not metric.startswith("alias") and "stderr" not in metric:
+        if isinstance(value, (int, float)) and "," in metric and "stderr" not in metric:  # "acc,none": a metric
             lines.append(f"{name}  {metric}  {value:.4f}")
     return "\n".join(lines + [f"-> {out}"])
 

@@ -90,4 +90,4 @@ def score_choices(model, tokenizer, data, batch_size: int, pad_id: int,
                     raise UserError(f"scorer multiple-choice: option {o!r} has no tokens")
     prompts = [np.asarray(data.input_ids[i][: data.prompt_len[i]]) for i in range(len(answers))]
     logprobs = option_logprobs(model, prompts, [[encoded[o] for o in opts] for opts in choices], pad_id, batch_size)
-    return choice_metrics(logprobs, choices, answers)
+    return choice_metrics(logprobs, choices, answers) | {"logprobs": [lp.tolist() for lp in logprobs]}

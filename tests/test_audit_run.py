@@ -51,7 +51,8 @@ def test_at_epsilon_3_the_lower_bound_stays_below_the_accountant(tmp_path, one_t
 
 
 @pytest.mark.parametrize("args,message", [
-    (["privacy.mode=sample", "privacy.epsilon=3"], "privacy.mode=client"),
+    (["privacy.epsilon=3"], "privacy.mode=client or privacy.mode=sample"),
+    (["privacy.mode=sample", "privacy.epsilon=3", "engine=flower-sim"], "engine=local"),
     (["privacy.mode=client", "privacy.epsilon=3", "privacy.secure_aggregation=true"], "secure_aggregation"),
     (["privacy.mode=client", "privacy.epsilon=3", "--canaries", "1"], "at least 2"),
     (["privacy.mode=client", "privacy.epsilon=3", "--confidence", "1.5"], "confidence"),

@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--per-client", action=argparse.BooleanOptionalAction, default=None,
                         help="send per-client fields under DP too (default: the run's output.report_per_client)")
 
-    aud = sub.add_parser("audit", help="one audited client-DP run with canaries: an empirical lower bound on epsilon")
+    aud = sub.add_parser("audit", help="one audited DP run (client or sample level) with canaries: an empirical "
+                                       "lower bound on epsilon")
     aud.add_argument("items", nargs="*", help="[CONFIG.toml] key=value ...")
     aud.add_argument("--canaries", type=int, default=500, help="canaries, each inserted on a fair coin (default 500)")
     aud.add_argument("--out", help="run folder of the audited run (default: output.dir/<strategy>-<time>)")
@@ -116,7 +117,7 @@ def cmd_audit(args) -> int:
     cfg = load_config(config_path, overrides)
     if not 0 < args.confidence < 1:
         raise UserError(f"--confidence must be in (0, 1), got {args.confidence}")
-    from fedlora.audit.run import audit  # torch and transformers: only when training
+    from fedlora.audit import audit  # torch and transformers: only when training
 
     result = audit(cfg, canaries=args.canaries, out=args.out, confidence=args.confidence, progress=not args.quiet)
     print(result.audit_dir / "report.md")

@@ -186,13 +186,18 @@ def majority_accuracy(test: EncodedData) -> float:
     return float(np.bincount(test.labels).max() / len(test))
 
 
-def evaluate_global(cfg: ExperimentConfig, host, server, test: EncodedData) -> tuple[float, float]:
-    """(loss, accuracy) of the server's global model on the held-out set, on the adapter of its rank."""
-    from fedlora.client import evaluate
-
+def load_global(cfg: ExperimentConfig, host, server) -> str:
+    """Put the server's global model into the host's adapter of its rank; return the adapter's name."""
     rank, factors = server.global_eval_factors()
     adapter = host.ensure_rank(rank)
     lora.set_factors(host.model, adapter, lora.with_scale(factors, cfg.lora.scale(rank)))
     if server.head:
         lora.set_head(host.model, adapter, server.head)
-    return evaluate(host, adapter, test, cfg.eval.batch_size)
+    return adapter
+
+
+def evaluate_global(cfg: ExperimentConfig, host, server, test: EncodedData) -> tuple[float, float]:
+    """(loss, accuracy) of the server's global model on the held-out set, on the adapter of its rank."""
+    from fedlora.client import evaluate
+
+    return evaluate(host, load_global(cfg, host, server), test, cfg.eval.batch_size)

@@ -43,8 +43,8 @@ class AuditResult:
 def audited_config(cfg: ExperimentConfig, inserted: int) -> ExperimentConfig:
     """The experiment with `inserted` canary clients added, at the same client sampling rate."""
     if cfg.privacy.mode != "client":
-        raise UserError("fedlora audit measures client-level DP: set privacy.mode=client (sample-level canaries "
-                        "are not built yet)")
+        raise UserError("this audit measures client-level DP (privacy.mode=client); fedlora.audit.audit runs the "
+                        "sample-level one for privacy.mode=sample")
     if cfg.privacy.secure_aggregation:
         raise UserError("fedlora audit runs without privacy.secure_aggregation (the released mechanism is the same; "
                         "tests/test_audit_mechanism.py audits SecAgg's arithmetic)")

@@ -119,7 +119,7 @@ class GroupClipDPOptimizer(DPOptimizer):
         n = len(self.grad_samples[0])
         sq = [self.grad_samples[0].new_zeros(n) for _ in self.group_clips]
         for p, g in zip(self.params, self.grad_samples):
-            sq[self.group_of[id(p)]] += g.reshape(n, -1).pow(2).sum(dim=1)
+            sq[self.group_of[id(p)]] += g.flatten(start_dim=1).pow(2).sum(dim=1)  # n = 0: an empty Poisson batch
         factors = [(c / (s.sqrt() + 1e-6)).clamp(max=1.0) for s, c in zip(sq, self.group_clips)]
         for p in self.params:
             _check_processed_flag(p.grad_sample)

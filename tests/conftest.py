@@ -41,7 +41,8 @@ def pytest_configure(config):
 # included: that group is the longest, and they start no process.
 GROUPS = {"processes": ("test_flower_deploy", "test_flower_sim", "test_flower_secagg", "test_deploy", "test_resume",
                         "test_faults"),
-          "llm": ("test_causal_lm", "test_chat", "test_instruct_bench"),
+          "llm": ("test_causal_lm", "test_chat", "test_instruct_bench", "test_eval_run",
+                  "test_instruction_partitions"),
           "bench": ("test_bench",)}  # its tests reuse the suites' cached outputs within one worker
 
 

@@ -1,4 +1,4 @@
-"""`fedlora run | resume | bench | report | generate | verify | export-metrics`: parse, validate, call the library.
+"""`fedlora run | resume | bench | report | generate | eval | verify | export-metrics`: parse, validate, call the library.
 
 User errors (bad config, bad value, missing file: `fedlora.errors.UserError`, and OSError) print one line on
 stderr and exit 2, never a traceback. Anything else is a bug: its traceback, a line saying so, exit 1.
@@ -49,6 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("run_dir")
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
+
+    ev = sub.add_parser("eval", help="score a run's exported adapter (held-out split or a task file), stating how")
+    ev.add_argument("run_dir")
+    ev.add_argument("--task-file", default=None,
+                    help="jsonl/csv/parquet to score on (default: the run's held-out split)")
+    ev.add_argument("--scorer", default=None, help="label-match | exact-match | rouge-l | multiple-choice "
+                    "(default: the run's eval.scorer)")
+    ev.add_argument("--shots", type=int, default=0, help="demonstrations from the run's training split (default 0)")
+    ev.add_argument("--lm-eval", default=None, metavar="held-out|TASK_YAML|NAME",
+                    help="run lm-evaluation-harness on the adapter instead (the lm_eval extra); held-out: the "
+                    "run's held-out split (or --task-file) written as a local task")
+    ev.add_argument("--limit", type=int, default=None, help="--lm-eval: at most this many examples per task")
 
     verify = sub.add_parser("verify", help="check a run's or an adapter's files against its manifest and metrics")
     verify.add_argument("path", help="a run folder or an adapter folder")
@@ -153,6 +165,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    if args.lm_eval:
+        from fedlora.lm_eval_run import lm_eval_run
+
+        if args.shots:
+            raise UserError("--shots does not apply to --lm-eval (a task YAML sets num_fewshot)")
+        print(lm_eval_run(Path(args.run_dir), args.lm_eval, args.task_file, args.scorer, limit=args.limit))
+        return 0
+    if args.limit is not None:
+        raise UserError("--limit applies to --lm-eval")
+    from fedlora.eval_run import eval_run, summary_line
+
+    print(summary_line(eval_run(Path(args.run_dir), args.task_file, args.scorer, args.shots)))
+    return 0
+
+
 def cmd_verify(args) -> int:
     from fedlora.verify_run import verify_path
 
@@ -170,7 +198,7 @@ def cmd_export_metrics(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "audit": cmd_audit, "resume": cmd_resume, "report": cmd_report, "bench": cmd_bench,
-            "generate": cmd_generate, "verify": cmd_verify, "export-metrics": cmd_export_metrics}
+            "generate": cmd_generate, "eval": cmd_eval, "verify": cmd_verify, "export-metrics": cmd_export_metrics}
 
 
 BUG_LINE = ("fedlora: internal error (a bug, not a mistake in your config): please report it with the "

@@ -67,6 +67,13 @@ def _quantized_base(cfg, strategy) -> str | None:
     return None
 
 
+def _text_groups(cfg, strategy) -> str | None:
+    if cfg.federation.partition in ("clusters", "length") and cfg.task != "causal-lm":
+        return (f"federation.partition={cfg.federation.partition} groups instruction records (task=causal-lm); a "
+                "classifier's partitions skew its labels: use dirichlet, label-skew, fractions, iid or quantity")
+    return None
+
+
 def _secure_aggregation(cfg, strategy) -> str | None:
     return secagg_refusal(cfg, strategy) if cfg.privacy.secure_aggregation else None
 
@@ -86,6 +93,7 @@ RULES: dict[str, Callable] = {
     "client-level DP": _client_dp,
     "robust aggregation": _robust,
     "quantized base": _quantized_base,
+    "partition by text groups": _text_groups,
     "secure aggregation": _secure_aggregation,
     "flaas": _flaas,
 }

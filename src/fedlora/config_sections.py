@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from fedlora.architectures import EMBEDDED_MODEL
 from fedlora.flaas.profiles import POPULATIONS, ClientProfile
+from fedlora.scoring import DEFAULT_SCORER, SCORER_NAMES
 from fedlora.strategies import INTERNAL_OPTIONS, available_strategies, validate_options
 from fedlora.tracking import available_trackers
 
@@ -111,7 +112,11 @@ class FederationConfig(_Section):
     # examples per round, regrouped into batches of similar length (less padding; effect on accuracy measured in
     # the README). DP-SGD draws Poisson batches and is refused with it.
     batching: Literal["random", "length-buckets"] = "random"
-    partition: Literal["iid", "dirichlet", "label-skew", "fractions", "key", "quantity"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "label-skew", "fractions", "key", "quantity", "clusters",
+                       "length"] = "dirichlet"
+    # partition = clusters | length (task=causal-lm): k-means clusters of the prompts' MiniLM embeddings, or length
+    # quantile buckets, each divided over clients in Dirichlet(alpha) shares; how many clusters or buckets:
+    groups: int = Field(4, ge=2, le=256)
     alpha: float = Field(5.0, gt=0.0)  # Dirichlet concentration (per class over clients; 2 labels: 5 gives mixed but skewed clients)
     label_fractions: list[list[float]] | None = None  # partition=fractions: per-client label proportions
     ranks: list[int] | None = None  # per-client LoRA ranks, cycled over clients; None: lora.rank for all
@@ -338,6 +343,16 @@ class PrivacyConfig(_Section):
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     max_new_tokens: int = Field(8, ge=1, le=512)  # causal-lm: greedy tokens generated per held-out prompt
+    # causal-lm: how held-out answers are scored (fedlora.scoring): label-match (prefix match after
+    # normalisation) | exact-match | rouge-l | multiple-choice (log-likelihood of each option, no generation)
+    scorer: str = DEFAULT_SCORER
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, v):
+        if v not in SCORER_NAMES:
+            raise ValueError(f"unknown scorer {v!r}; available: {', '.join(SCORER_NAMES)}")
+        return v
 
 
 class OutputConfig(_Section):

@@ -63,3 +63,5 @@ class FederatedData:
     label_names: list[str]
     partition_stats: list[dict]
     load_summary: str
+    # What partition_stats' label_counts count when it is not label_names (partition=clusters | length: groups).
+    partition_groups: list[str] | None = None

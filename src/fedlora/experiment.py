@@ -162,6 +162,7 @@ def run_summary(cfg: ExperimentConfig, server, rows: list[dict], before: tuple[f
         # What always giving the most frequent held-out answer scores: the floor "learned" is read against.
         "majority_accuracy": majority_accuracy(data.test),
         "partition": data.partition_stats,
+        **({"partition_groups": data.partition_groups} if data.partition_groups else {}),
         "dropped_total": sum(len(r.get("dropped", [])) for r in rows),
         **extra,
     }

@@ -221,6 +221,7 @@ class Run:
             row = metrics_row(cfg, server, outcome, updates, sampled, dropped, evaluation,
                               time.perf_counter() - t_round, traffic=replies.traffic)
             row.update(replies.extra)
+            row["eval_protocol"] = self.host.task.eval_protocol(cfg)
             if replies.failed is not None:
                 row["failed"] = replies.failed
             row.update(transport.round_metrics(self))
@@ -260,6 +261,7 @@ class Run:
             rank, factors = server.global_eval_factors()
             export_adapter(cfg, self.run_dir / "adapter", rank, factors, server.head, server.base_delta,
                            self.data.label_names)
-        summary = run_summary(cfg, server, rows, self.before, self.data)
+        summary = run_summary(cfg, server, rows, self.before, self.data,
+                              eval_protocol=self.host.task.eval_protocol(cfg))
         write_summary(self.run_dir, summary)
         return summary

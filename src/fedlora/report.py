@@ -62,6 +62,11 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> Path:
             f"{s.get('bytes_up_total', 0) / 1e6:.2f} | {s.get('bytes_down_total', 0) / 1e6:.2f} | "
             f"{'-' if eps is None else f'{eps:.3f}'} |"
         )
+    # How each run's accuracy was scored (summary.json's eval_protocol: scorer, shots, prompt template).
+    scored = [(d.name, json.loads((d / "summary.json").read_text()).get("eval_protocol"))
+              for d in run_dirs if (d / "summary.json").exists()]
+    lines += [""] + [f"- {name}: scored by {p['scorer']}, {p['shots']} shots, template {p['template']}"
+                     for name, p in scored if p]
     lines += ["", f"![accuracy per round]({png.relative_to(out_dir)})", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))

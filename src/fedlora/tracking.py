@@ -22,6 +22,7 @@ from fedlora.errors import UserError
 AGGREGATE_FIELDS = frozenset({
     "round", "strategy",
     "eval_loss", "eval_accuracy",  # the released global model on the server's own held-out data
+    "eval_protocol",  # how eval_accuracy is scored (scorer, shots, template): from the config
     "global_adapter_sha256", "global_delta_norm",  # the released global model itself
     "epsilon", "delta", "noise_multiplier", "sample_rate", "dp_steps", "dp_steps_max", "accountant", "privacy",
     "secure_aggregation",

@@ -42,6 +42,10 @@ class Task(ABC):
     def evaluate(self, model: "torch.nn.Module", data: "EncodedData", batch_size: int, pad_id: int) -> tuple[float, float]:
         """(mean loss, score) of the active model on `data`; the score is what metrics call `eval_accuracy`."""
 
+    def eval_protocol(self, cfg: "ExperimentConfig", shots: int = 0) -> dict[str, Any]:
+        """How the held-out score is computed (scorer, shots, template), stated in every metrics row and summary."""
+        return {"scorer": "accuracy (argmax of the head)", "shots": 0, "template": "none: the text as it is"}
+
     @abstractmethod
     def base_model(self, cfg: "ExperimentConfig", num_outputs: int) -> "torch.nn.Module":
         """The frozen base model, any new head (`num_outputs` wide) initialised from `cfg.seed`, so every process

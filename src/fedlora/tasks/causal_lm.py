@@ -7,19 +7,21 @@ the label's name (rotten_tomatoes: "positive"/"negative", bbc_news: the topic); 
 and a key column can drive the partitions). The model's chat template is
 applied when it has one (`data.system_prompt` as the system turn). The loss covers the response tokens only,
 averaged per example, then over the batch (what DP-SGD's per-example clipping expects). The score is
-generation-based: greedy decoding of `eval.max_new_tokens` from each held-out prompt, batched with left
-padding, counted correct when the normalised output starts with the normalised reference answer
-(label-match; for one-word answers this is exact match up to case, punctuation and trailing text).
+`eval.scorer`'s (fedlora.scoring): by default generation-based, greedy decoding of `eval.max_new_tokens` from
+each held-out prompt, batched with left padding, counted correct when the normalised output starts with the
+normalised reference answer (label-match; for one-word answers this is exact match up to case, punctuation and
+trailing text); or exact match, ROUGE-L, or multiple-choice log-likelihood (tasks/choice_scoring.py).
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
 from typing import Any
 
 import numpy as np
 
 from fedlora.devices import model_device, to_device
+from fedlora.scoring import DEFAULT_SCORER, LIKELIHOOD_SCORERS, generation_scorer, label_match, normalise  # noqa: F401
 from fedlora.tasks.base import Task
 
 # What an embedded labelled set asks; the answer is the label's name.
@@ -31,14 +33,9 @@ INSTRUCTIONS = {
 }
 
 
-def normalise(text: str) -> str:
-    """Lower case, no punctuation, single spaces: how answers are compared."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 def matches(generated: str, answer: str) -> bool:
-    g, a = normalise(generated), normalise(answer)
-    return bool(a) and (g == a or g.startswith(a + " "))
+    """label-match (fedlora.scoring), the default scorer."""
+    return bool(label_match(generated, answer))
 
 
 class CausalLM(Task):
@@ -89,52 +86,75 @@ class CausalLM(Task):
 
     def _trl_data(self, cfg, tokenizer):
         """(encoded records, key names, load summary, train, test, client parts) of TRL-format data."""
+        from fedlora.data.text_groups import prompt_texts, record_groups
         from fedlora.tasks.chat_encoding import encode_records
 
         records = self._trl_records(cfg)
         if records is None:
             return None
         enc, names = encode_records(tokenizer, records, cfg.data.max_length)
-        train, test, parts = self._partition(cfg, enc.labels, names, "records have no partition key")
+
+        def groups():
+            return record_groups(cfg, prompt_texts(tokenizer, enc), lambda: [len(x) for x in enc.input_ids])
+
+        train, test, parts = self._partition(cfg, enc.labels, names, "records have no partition key", groups)
         return enc, names, records.summary(), train, test, parts
 
-    def _partition(self, cfg, classes, names, why_one: str):
-        """The one split and partition, on the answer classes or partition keys (as classification on labels)."""
+    def _partition(self, cfg, classes, names, why_one: str, groups=None):
+        """The one split and partition, on the answer classes or partition keys (as classification on labels);
+        partition=clusters|length: split stratified by, and Dirichlet over, the records' groups (`groups()`).
+        Sets `self.skew`: (what the partition skews per record, its names, a line describing it)."""
         from fedlora.data import partition_indices, stratified_split_indices
         from fedlora.errors import UserError
 
         fed = cfg.federation
+        self.skew = (classes, names, "")
+        if fed.partition in GROUP_SCHEMES:
+            ids, group_names = groups()
+            self.skew = (ids, group_names, f"partition={fed.partition}: Dirichlet(alpha={fed.alpha}) over "
+                                           f"{len(group_names)} groups: {', '.join(group_names)}")
+            train, test = stratified_split_indices(ids, cfg.data.test_fraction, seed=cfg.seed)
+            return train, test, partition_indices(ids[train], fed.num_clients, "dirichlet", alpha=fed.alpha,
+                                                  seed=cfg.seed)
         if len(names) == 1 and fed.partition not in ("iid", "quantity"):  # quantity skew reads no classes
-            raise UserError(f"{why_one} to skew: use federation.partition=iid or quantity, or set "
-                            "data.partition_column")
+            raise UserError(f"{why_one} to skew: use federation.partition=iid, quantity, clusters or length, or "
+                            "set data.partition_column")
         train, test = stratified_split_indices(classes, cfg.data.test_fraction, seed=cfg.seed)
         parts = partition_indices(classes[train], fed.num_clients, fed.partition, alpha=fed.alpha, seed=cfg.seed,
                                   label_fractions=fed.label_fractions)
         return train, test, parts
 
-    def _split(self, cfg):
-        """Classic prompt/response records: split and partition on the answer classes."""
+    def _split(self, cfg, tokenizer=None):
+        """Classic prompt/response records: split and partition on the answer classes (or groups)."""
+        from fedlora.data.text_groups import record_groups
         from fedlora.errors import UserError
 
         if cfg.data.partition_column:
             raise UserError("data.partition_column applies to messages, prompt-completion and text records only")
         prompts, responses, classes, names, summary = self._records(cfg)
-        train, test, parts = self._partition(cfg, classes, names, "free-form responses have no classes")
+
+        def groups():  # lengths as encoded for training
+            return record_groups(cfg, prompts, lambda: [
+                len(x) for x in self.encode(cfg, tokenizer, prompts, responses, classes).input_ids])
+
+        train, test, parts = self._partition(cfg, classes, names, "free-form responses have no classes", groups)
         return prompts, responses, classes, names, summary, train, test, parts
 
-    def encode(self, cfg, tokenizer, prompts: list[str], responses: list[str], classes: np.ndarray):
-        """Chat-templated prompt + response + end of turn; the prompt's content is cut so the response fits."""
+    def encode(self, cfg, tokenizer, prompts: list[str], responses: list[str], classes: np.ndarray,
+               shots: tuple = ()):
+        """Chat-templated prompt + response + end of turn; the prompt's content is cut so the response fits.
+        `shots` (evaluation): demonstrations before every prompt, on top of `data.max_length`."""
         from fedlora.encoding import EncodedData
 
-        max_len = cfg.data.max_length
         eos = tokenizer.eos_token or ""
         head = len(prompt_ids(tokenizer, "", cfg.data.system_prompt))
+        max_len = cfg.data.max_length + len(prompt_ids(tokenizer, "", cfg.data.system_prompt, shots)) - head
         ids, prompt_len = [], []
         for prompt, response in zip(prompts, responses):
             answer = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
-            budget = max(1, max_len - head - len(answer))
+            budget = max(1, cfg.data.max_length - head - len(answer))
             content = tokenizer(prompt, add_special_tokens=False)["input_ids"][:budget]
-            p = prompt_ids(tokenizer, tokenizer.decode(content), cfg.data.system_prompt)
+            p = prompt_ids(tokenizer, tokenizer.decode(content), cfg.data.system_prompt, shots)
             seq = (p + answer)[:max_len]
             ids.append(np.asarray(seq, dtype=np.int64))
             prompt_len.append(min(len(p), len(seq) - 1))  # at least one response token carries loss
@@ -147,26 +167,36 @@ class CausalLM(Task):
         from fedlora.data import partition_stats
         from fedlora.encoding import FederatedData
 
-        cap = cfg.data.max_eval_examples
         trl = self._trl_data(cfg, tokenizer)
         if trl is not None:
             enc, names, summary, train, test, parts = trl
-            if cap is not None and len(test) > cap:
-                test = test[np.sort(np.random.default_rng(cfg.seed).choice(len(test), cap, replace=False))]
+            test = capped(cfg, test)
             return FederatedData(clients=[enc.subset(train[p]) for p in parts], test=enc.subset(test),
-                                 label_names=names, partition_stats=partition_stats(enc.labels[train], parts),
-                                 load_summary=summary)
-        prompts, responses, classes, names, summary, train, test, parts = self._split(cfg)
-        if cap is not None and len(test) > cap:
-            test = test[np.sort(np.random.default_rng(cfg.seed).choice(len(test), cap, replace=False))]
+                                 label_names=names, partition_stats=partition_stats(self.skew[0][train], parts),
+                                 load_summary=_with_skew(summary, self.skew[2]), partition_groups=self._groups(cfg))
+        prompts, responses, classes, names, summary, train, test, parts = self._split(cfg, tokenizer)
+        test = capped(cfg, test)
         train_enc = self._encode_rows(cfg, tokenizer, prompts, responses, classes, train)
         return FederatedData(
             clients=[train_enc.subset(p) for p in parts],
             test=self._encode_rows(cfg, tokenizer, prompts, responses, classes, test),
             label_names=names,
-            partition_stats=partition_stats(classes[train], parts),
-            load_summary=summary,
+            partition_stats=partition_stats(self.skew[0][train], parts),
+            load_summary=_with_skew(summary, self.skew[2]),
+            partition_groups=self._groups(cfg),
         )
+
+    def _groups(self, cfg) -> list[str] | None:
+        """The names of the groups a partition=clusters|length report counts (None: it counts label_names)."""
+        return list(self.skew[1]) if cfg.federation.partition in GROUP_SCHEMES else None
+
+    def held_out(self, cfg, tokenizer):
+        """The held-out set exactly as `prepare_data` builds it, without tokenizing the training split."""
+        trl = self._trl_data(cfg, tokenizer)
+        if trl is not None:
+            return trl[0].subset(capped(cfg, trl[4]))
+        prompts, responses, classes, _, _, _, test, _ = self._split(cfg, tokenizer)
+        return self._encode_rows(cfg, tokenizer, prompts, responses, classes, capped(cfg, test))
 
     def client_data(self, cfg, tokenizer, client_id):
         from fedlora.errors import UserError
@@ -177,7 +207,7 @@ class CausalLM(Task):
         if trl is not None:
             enc, names, _, train, _, parts = trl
             return enc.subset(train[np.asarray(parts[client_id])]), names
-        prompts, responses, classes, names, _, train, _, parts = self._split(cfg)
+        prompts, responses, classes, names, _, train, _, parts = self._split(cfg, tokenizer)
         return self._encode_rows(cfg, tokenizer, prompts, responses, classes, train[np.asarray(parts[client_id])]), names
 
     def file_data(self, cfg, path, tokenizer, label_names):
@@ -244,23 +274,54 @@ class CausalLM(Task):
         return token_loss.sum(dim=1) / counted
 
     def evaluate(self, model, data, batch_size, pad_id):
-        """(mean response loss, label-match accuracy of greedy generations)."""
+        """(mean response loss, the score of `eval.scorer`)."""
+        report = self.evaluate_report(model, data, batch_size, pad_id)
+        return report["loss"], report["score"]
+
+    def evaluate_report(self, model, data, batch_size, pad_id, scorer: str | None = None,
+                        choices: list[list[str]] | None = None) -> dict:
+        """loss, score and the scorer's own figures (multiple-choice: acc, acc_norm) of the active model on
+        `data`; `choices`: per-example options for multiple-choice (default: the data's distinct answers)."""
         import torch
 
+        scorer = scorer or self.scorer
+        score_one = None if scorer in LIKELIHOOD_SCORERS else generation_scorer(scorer)
         order = np.argsort([len(x) for x in data.input_ids], kind="stable")
-        total, correct = 0.0, 0
+        total, outputs, points = 0.0, [""] * len(order), np.zeros(len(order))
         with torch.inference_mode():
             device = model_device(model)
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
                 total += float(self.loss(model, to_device(self.collate(data, idx, pad_id), device))) * len(idx)
-                outputs = self.generate(model, [data.input_ids[i][: data.prompt_len[i]] for i in idx], pad_id,
-                                        self.max_new_tokens)
-                correct += sum(matches(o, data.answers[i]) for o, i in zip(outputs, idx))
+                if score_one is not None:
+                    generated = self.generate(model, [data.input_ids[i][: data.prompt_len[i]] for i in idx], pad_id,
+                                              self.max_new_tokens)
+                    for o, i in zip(generated, idx):
+                        outputs[i], points[i] = o, score_one(o, data.answers[i])
         n = max(len(order), 1)
-        return total / n, correct / n
+        report = {"loss": total / n, "scorer": scorer, "examples": len(order)}
+        if score_one is None:
+            from fedlora.tasks.choice_scoring import score_choices
+
+            figures = score_choices(model, self.tokenizer, data, batch_size, pad_id, choices)
+            return report | figures | {"score": figures["acc"]}
+        # Summed in the order the batches ran (as before per-example outputs were kept): the same float.
+        return report | {"score": float(sum(points[i] for i in order)) / n, "outputs": outputs,
+                         "points": points.tolist()}
+
+    def eval_protocol(self, cfg, shots: int = 0) -> dict:
+        """How the held-out score is computed: scorer, shots, prompt template (stated in every report)."""
+        chat = getattr(self.tokenizer, "chat_template", None)
+        template = (f"chat template sha256:{hashlib.sha256(str(chat).encode()).hexdigest()[:12]}" if chat
+                    else "plain: prompt, newline")
+        if cfg.data.name in INSTRUCTIONS:
+            template += f"; instruction {cfg.data.name}"
+        return {"scorer": self.scorer, "shots": shots, "template": template,
+                "system_prompt": cfg.data.system_prompt,
+                "max_new_tokens": None if self.scorer in LIKELIHOOD_SCORERS else self.max_new_tokens}
 
     max_new_tokens = 8  # set from cfg.eval.max_new_tokens when the run's model is built
+    scorer = DEFAULT_SCORER  # set from cfg.eval.scorer when the run's model is built
 
     def generate(self, model, prompts: list[np.ndarray], pad_id: int, max_new_tokens: int) -> list[str]:
         """Greedy continuations of token-id prompts, batched with left padding; decoded, special tokens cut."""
@@ -281,7 +342,7 @@ class CausalLM(Task):
     def base_model(self, cfg, num_outputs):
         from fedlora.models import load_causal_lm, load_tokenizer, quantization_config
 
-        self.max_new_tokens = cfg.eval.max_new_tokens
+        self.max_new_tokens, self.scorer = cfg.eval.max_new_tokens, cfg.eval.scorer
         self.tokenizer = load_tokenizer(cfg.model.name)
         return load_causal_lm(cfg.model.name, cfg.seed, quantization_config(cfg), cfg.model.dtype)
 
@@ -299,12 +360,30 @@ class CausalLM(Task):
         return load_causal_lm(meta["model"], meta.get("seed", 0))
 
 
-def prompt_ids(tokenizer, content: str, system_prompt: str | None) -> list[int]:
+GROUP_SCHEMES = ("clusters", "length")
+
+
+def _with_skew(summary: str, line: str) -> str:
+    return f"{summary}\n{line}" if line else summary
+
+
+def capped(cfg, test: np.ndarray) -> np.ndarray:
+    """The held-out rows kept under `data.max_eval_examples`: a sorted draw seeded by the run's seed."""
+    cap = cfg.data.max_eval_examples
+    if cap is not None and len(test) > cap:
+        return test[np.sort(np.random.default_rng(cfg.seed).choice(len(test), cap, replace=False))]
+    return test
+
+
+def prompt_ids(tokenizer, content: str, system_prompt: str | None, shots: tuple = ()) -> list[int]:
     """The prompt as the model sees it: its chat template (system turn, user turn, assistant opening) when it
-    has one, else the plain text and a newline."""
+    has one, else the plain text and a newline. `shots`: (prompt, answer) demonstrations, each a user turn and
+    an assistant turn before the prompt (few-shot as multi-turn; plain text: prompt, newline, answer, blank line)."""
     if getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": content}]
+            turn for p, a in shots for turn in ({"role": "user", "content": p}, {"role": "assistant", "content": a})
+        ] + [{"role": "user", "content": content}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(content + "\n", add_special_tokens=True)["input_ids"]
+    demos = "".join(f"{p}\n{a}\n\n" for p, a in shots)
+    return tokenizer(demos + content + "\n", add_special_tokens=True)["input_ids"]

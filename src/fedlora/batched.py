@@ -28,8 +28,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fedlora import lora
+from fedlora import lora, micro_batches
 from fedlora.client import ClientTrainer, Downlink, EncodedData, Update, make_optimizer, round_batches
+from fedlora.micro_batches import length_chunks
 from fedlora.models import to_device
 
 
@@ -48,30 +49,6 @@ def why_not_batched(trainer: ClientTrainer, round_idx: int, private: bool) -> st
     if trainer.cfg.model.gradient_checkpointing:
         return "gradient checkpointing recomputes the forward outside the routing hooks"
     return None
-
-
-# Padded tokens per forward: the union of a step's batches is sorted by length and cut into chunks of about this
-# many (rows x longest row), so rows of similar length share a chunk and little is padding. Gradients accumulate
-# over the chunks before each step: rows are independent, so chunking changes nothing but the work. On a CPU the
-# cost per token grows with the batch (measured on the embedded model, one thread: 80 rows at once took 1.3-1.6x
-# the time per token of 16-row batches), so chunks stay small there and the gain is the padding saved; a GPU
-# wants the largest batch that fits.
-TOKENS_PER_CHUNK_CPU = 1024
-TOKENS_PER_CHUNK_GPU = 65536
-
-
-def length_chunks(lengths: list[int], budget: int) -> list[np.ndarray]:
-    """Row indices sorted by length, cut where (rows x longest) would pass `budget` (a chunk holds >= 1 row)."""
-    order = np.argsort(lengths, kind="stable")
-    chunks, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[i] > budget:
-            chunks.append(np.array(current))
-            current = []
-        current.append(int(i))
-    if current:
-        chunks.append(np.array(current))
-    return chunks
 
 
 @dataclass
@@ -141,7 +118,8 @@ class BatchedRound:
 
         start = time.perf_counter()
         steps = len(jobs[0].batches)
-        budget = self.tokens_per_chunk or (TOKENS_PER_CHUNK_GPU if device.type == "cuda" else TOKENS_PER_CHUNK_CPU)
+        # The union of a step's batches is cut into length-grouped chunks; gradients accumulate over them.
+        budget = self.tokens_per_chunk or micro_batches.default_budget(device.type)
         ranks = [j.rank for j in jobs]
         with _routed(model, layers, head_wrappers, A, B, ranks, scales, shared, head) as segments:
             for s in range(steps):

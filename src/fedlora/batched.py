@@ -10,8 +10,9 @@ optimizers with the same settings, each taking its own steps on its own batches 
 `local_steps` steps). Mixed ranks are zero-padded to the widest: a padded slot has a zero A row and B column, so
 both its gradients are exactly zero and it never moves.
 
-What it cannot keep exact, it refuses (`why_not_batched`), and the engine trains those rounds one by one:
-DP-SGD (per-example clipping per client), a method's client-side penalty or self-pruning (HetLoRA), a core
+DP-SGD clients train together in `batched_private` (per-example gradients, each client's own clipping, noise
+and accountant). What it cannot keep exact, it refuses (`why_not_batched`), and the engine trains those rounds
+one by one: a method's client-side penalty or self-pruning (HetLoRA), a core
 trained through a parametrization (Fed-SB), parts kept on the client (FedSA).
 
 PEFT has no multi-adapter-per-row training (its mixed-batch inference takes one adapter name per row and no
@@ -35,11 +36,11 @@ from fedlora.models import to_device
 
 
 def why_not_batched(trainer: ClientTrainer, round_idx: int, private: bool) -> str | None:
-    """Why this round cannot train its clients together exactly, or None when it can."""
+    """Why this round cannot train its clients together exactly, or None when it can. DP-SGD rounds
+    (`private`) train together too, with each client's own clipping, noise and accountant
+    (`batched_private`); they are refused for the same reasons as the others."""
     strategy = trainer.strategy
     roles = strategy.roles(round_idx)
-    if private:
-        return "sample-level DP-SGD clips per example and client"
     if strategy.client_penalty or strategy.clients_change_rank:
         return f"{strategy.name} adds a client-side penalty or prunes ranks"
     if "R" in roles.train:
@@ -71,6 +72,70 @@ def concat(parts: list[EncodedData]) -> EncodedData:
     return EncodedData(ids, labels, prompt, answers, masks)
 
 
+@dataclass
+class Stacked:
+    """A round's clients' LoRA factors and heads as stacked tensors on the host's device: client k is slice k,
+    mixed ranks zero-padded to the widest. `shared` (FFA): the one frozen A every client's A is a prefix of."""
+
+    adapter: str
+    layers: dict
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    head_wrappers: dict
+    shared: dict[str, torch.Tensor] | None
+    scales: torch.Tensor
+    ranks: list[int]
+    dtype: torch.dtype
+
+    def params(self) -> list[torch.Tensor]:
+        """What trains, in the order one-by-one training's optimizer holds it (each layer's A, B; then the head)."""
+        return [t for m in self.layers for t in (self.A[m], self.B[m]) if t.requires_grad] + list(self.head.values())
+
+    def update(self, tr: ClientTrainer, k: int, job: "_Job", **fields) -> Update:
+        """Client k's update: its own slice of the stacked tensors, in its own rank."""
+        cfg = tr.cfg
+        factors = {m: lora.LoraFactors(A=_numpy(self.A[m][k, : job.rank]), B=_numpy(self.B[m][k, :, : job.rank]),
+                                       scale=cfg.lora.scale(job.rank)) for m in self.layers}
+        return Update(client_id=job.client_id, rank=job.rank, factors=factors,
+                      head={name: _numpy(t[k]) for name, t in self.head.items()}, num_examples=len(job.data),
+                      **fields)
+
+
+def stack_clients(tr: ClientTrainer, jobs: list[_Job]) -> Stacked:
+    """The jobs' starting factors and heads stacked; `requires_grad` says what the round's roles train."""
+    cfg, host, model, device = tr.cfg, tr.host, tr.host.model, tr.host.device
+    roles = tr.strategy.roles(jobs[0].down.round)
+    width = max(j.rank for j in jobs)
+    adapter = host.ensure_rank(width)  # only for its module set and dtype: its weights are not touched
+    model.set_adapter(adapter)
+    layers = lora.lora_layers(model)
+    starts = [tr.start_factors(j.down, j.client_id) for j in jobs]
+    dtype = next(iter(layers.values())).lora_A[adapter].weight.dtype
+    A, B = {}, {}
+    for m in layers:
+        A[m] = torch.zeros((len(jobs), width, tr.dims[m][1]), dtype=dtype, device=device)
+        B[m] = torch.zeros((len(jobs), tr.dims[m][0], width), dtype=dtype, device=device)
+        for k, (j, (factors, _)) in enumerate(zip(jobs, starts)):
+            A[m][k, : j.rank] = torch.as_tensor(factors[m].A, dtype=dtype)
+            B[m][k, :, : j.rank] = torch.as_tensor(factors[m].B, dtype=dtype)
+        A[m].requires_grad_("A" in roles.train)
+        B[m].requires_grad_("B" in roles.train)
+    # FFA: every client's A is a prefix of one frozen A; x·Aᵀ is then computed once for all rows and each
+    # client reads its first r_k columns.
+    shared = {m: _widest(A[m], jobs) for m in layers}
+    if "A" in roles.train or not all(torch.equal(A[m][k, : j.rank], shared[m][: j.rank])
+                                     for m in layers for k, j in enumerate(jobs)):
+        shared = None
+    scales = torch.tensor([cfg.lora.scale(j.rank) for j in jobs], dtype=dtype, device=device)
+    head_wrappers = lora.head_wrappers(model, adapter) if starts[0][1] else {}
+    head = {name: torch.stack([torch.as_tensor(h[name], device=device) for _, h in starts]).to(dtype)
+            for name in starts[0][1]}
+    for t in head.values():
+        t.requires_grad_(True)
+    return Stacked(adapter, layers, A, B, head, head_wrappers, shared, scales, [j.rank for j in jobs], dtype)
+
+
 class BatchedRound:
     """Trains the clients of one round together on the trainer's model host; returns their updates."""
 
@@ -80,48 +145,21 @@ class BatchedRound:
 
     def train(self, clients: list[tuple[int, Downlink, EncodedData]]) -> list[Update]:
         tr, cfg = self.trainer, self.trainer.cfg
-        host, model, device = tr.host, tr.host.model, tr.host.device
+        model, device = tr.host.model, tr.host.device
         jobs = []
         for cid, down, data in clients:
             rng = np.random.default_rng([cfg.seed, down.round, cid])  # the batches one-by-one training draws
             jobs.append(_Job(cid, down, data, down.rank, round_batches(data, cfg, rng), []))
-        roles = tr.strategy.roles(jobs[0].down.round)
-        width = max(j.rank for j in jobs)
-        adapter = host.ensure_rank(width)  # only for its module set and dtype: its weights are not touched
-        model.set_adapter(adapter)
-        layers = lora.lora_layers(model)
-        starts = [tr.start_factors(j.down, j.client_id) for j in jobs]
-        dtype = next(iter(layers.values())).lora_A[adapter].weight.dtype
-        A, B = {}, {}
-        for m in layers:
-            A[m] = torch.zeros((len(jobs), width, tr.dims[m][1]), dtype=dtype, device=device)
-            B[m] = torch.zeros((len(jobs), tr.dims[m][0], width), dtype=dtype, device=device)
-            for k, (j, (factors, _)) in enumerate(zip(jobs, starts)):
-                A[m][k, : j.rank] = torch.as_tensor(factors[m].A, dtype=dtype)
-                B[m][k, :, : j.rank] = torch.as_tensor(factors[m].B, dtype=dtype)
-            A[m].requires_grad_("A" in roles.train)
-            B[m].requires_grad_("B" in roles.train)
-        # FFA: every client's A is a prefix of one frozen A; x·Aᵀ is then computed once for all rows and each
-        # client reads its first r_k columns.
-        shared = {m: _widest(A[m], jobs) for m in layers}
-        if "A" in roles.train or not all(torch.equal(A[m][k, : j.rank], shared[m][: j.rank])
-                                         for m in layers for k, j in enumerate(jobs)):
-            shared = None
-        scales = torch.tensor([cfg.lora.scale(j.rank) for j in jobs], dtype=dtype, device=device)
-        head_wrappers = lora.head_wrappers(model, adapter) if starts[0][1] else {}
-        head = {name: torch.stack([torch.as_tensor(h[name], device=device) for _, h in starts]).to(dtype)
-                for name in starts[0][1]}
-        for t in head.values():
-            t.requires_grad_(True)
-        params = [t for m in layers for t in (A[m], B[m]) if t.requires_grad] + list(head.values())
-        optimizer = make_optimizer(cfg, params, list(head.values()))
+        st = stack_clients(tr, jobs)
+        dtype = st.dtype
+        optimizer = make_optimizer(cfg, st.params(), list(st.head.values()))
 
         start = time.perf_counter()
         steps = len(jobs[0].batches)
         # The union of a step's batches is cut into length-grouped chunks; gradients accumulate over them.
         budget = self.tokens_per_chunk or micro_batches.default_budget(device.type)
-        ranks = [j.rank for j in jobs]
-        with _routed(model, layers, head_wrappers, A, B, ranks, scales, shared, head) as segments:
+        with _routed(model, st.layers, st.head_wrappers, st.A, st.B, st.ranks, st.scales, st.shared,
+                     st.head) as segments:
             for s in range(steps):
                 parts = [j.data.subset(j.batches[s]) for j in jobs]
                 sizes = np.array([len(p) for p in parts])
@@ -144,17 +182,10 @@ class BatchedRound:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         train_s = time.perf_counter() - start
-
-        updates = []
-        for k, j in enumerate(jobs):
-            factors = {m: lora.LoraFactors(A=_numpy(A[m][k, : j.rank]), B=_numpy(B[m][k, :, : j.rank]),
-                                           scale=cfg.lora.scale(j.rank)) for m in layers}
-            updates.append(Update(
-                client_id=j.client_id, rank=j.rank, factors=factors,
-                head={name: _numpy(t[k]) for name, t in head.items()}, num_examples=len(j.data),
-                train_loss=float(np.mean(j.losses)), steps=steps, samples=int(sum(len(b) for b in j.batches)),
-                train_s=train_s / len(jobs)))  # the round's time, shared: the clients ran as one
-        return updates
+        # The round's time, shared: the clients ran as one.
+        return [st.update(tr, k, j, train_loss=float(np.mean(j.losses)), steps=steps,
+                          samples=int(sum(len(b) for b in j.batches)), train_s=train_s / len(jobs))
+                for k, j in enumerate(jobs)]
 
 
 def _widest(A: torch.Tensor, jobs: list[_Job]) -> torch.Tensor:

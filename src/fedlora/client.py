@@ -255,9 +255,15 @@ def personal_key(module: str, part: str) -> str:
 def client_round(trainer: "ClientTrainer", client_id: int, down: Downlink, data: EncodedData, dp=None) -> Update | str:
     """One client's round, the same on every engine: it sits out (returns why) when its next round would push
     its DP budget past the target; otherwise it trains and returns its update."""
-    if dp is not None and not dp.can_train(trainer.cfg.local_steps()):
+    why = sits_out(trainer.cfg, dp)
+    return why if why is not None else trainer.train(client_id, down, data, dp=dp)
+
+
+def sits_out(cfg: ExperimentConfig, dp) -> str | None:
+    """Why a client with DP-SGD state `dp` sits this round out (its budget), or None when it trains."""
+    if dp is not None and not dp.can_train(cfg.local_steps()):
         return f"privacy budget exhausted (epsilon={dp.target_epsilon})"
-    return trainer.train(client_id, down, data, dp=dp)
+    return None
 
 
 def evaluate(host: ModelHost, adapter: str, data: EncodedData, batch_size: int) -> tuple[float, float]:

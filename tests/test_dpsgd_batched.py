@@ -47,3 +47,40 @@ def test_batched_dp_sgd_equals_one_by_one_in_float64(extra, monkeypatch, one_tor
         assert any(np.any(np.abs(f.B) > 0) for u in together for f in u.factors.values())
         server.finish_round(together, list(range(3)))
         assert set(server.privacy) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("model_type, extra", [("roberta", ["model.pooling=cls"]), ("llama", ["task=causal-lm"])])
+def test_batched_dp_sgd_on_a_multi_layer_head_and_a_causal_lm(model_type, extra, tmp_path, one_torch_thread):
+    """RoBERTa's own head (dense, tanh, out_proj: every row through its owner's layers) and a decoder's causal-LM
+    loss (left padding, loss on the response only): batched equals one by one to 1e-8 in float64, noise on."""
+    from fedlora.encoding import EncodedData
+    from tiny_models import minilm_tokenizer, save_tiny_model
+
+    causal = model_type == "llama"
+    folder = save_tiny_model(tmp_path / model_type, model_type, minilm_tokenizer(), causal=causal)
+    cfg = load_config(None, [*DP, "strategy.name=fedit", "privacy.noise_multiplier=0.7", "privacy.clip=0.3",
+                             f"model.name={folder}", *extra])
+    import test_dpsgd_micro_batches as micro
+    from test_batched import client_data
+
+    def lm_data(rng, n):  # prompts and responses of varied lengths
+        plain = client_data(rng, n)
+        return EncodedData(plain.input_ids, plain.labels, np.array([int(rng.integers(1, len(x) - 1))
+                                                                   for x in plain.input_ids]))
+
+    trainer, server, data = micro.trainer_and_jobs(cfg, 3, make_data=lm_data if causal else None)
+    states = {c: SamplePrivacy.for_client(cfg, len(data[c])) for c in range(3)}
+    twins = {c: SamplePrivacy.from_state_dict(s.state_dict()) for c, s in states.items()}
+    jobs = [(c, server.downlink(c), data[c]) for c in range(3)]
+    trainer.dp_tokens_per_chunk = 40
+    one = [trainer.train(c, down, d, dp=states[c]) for c, down, d in jobs]
+    together = PrivateBatchedRound(trainer, tokens_per_chunk=60).train([(c, down, d, twins[c]) for c, down, d in jobs])
+    for a, b in zip(one, together):
+        if causal:
+            assert a.train_loss == pytest.approx(b.train_loss, rel=1e-6)
+            for m, f in a.factors.items():
+                np.testing.assert_allclose(b.factors[m].B, f.B, rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(b.factors[m].A, f.A, rtol=1e-4, atol=1e-6)
+        else:
+            assert_same_update(a, b)
+    assert bool(together[0].head) != causal  # the classifier's head trains (and travels); the LM has none

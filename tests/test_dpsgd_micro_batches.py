@@ -25,14 +25,14 @@ DP = ["federation.num_clients=3", "privacy.mode=sample", "privacy.batch_size=12"
       "privacy.optim.lr=0.5", *FLOAT64]
 
 
-def trainer_and_jobs(cfg, clients: int, seed: int = 0):
+def trainer_and_jobs(cfg, clients: int, seed: int = 0, make_data=None):
     torch.manual_seed(cfg.seed)
-    host = ModelHost(cfg, 2, set(cfg.client_ranks()))
+    host = ModelHost(cfg, 0 if cfg.task == "causal-lm" else 2, set(cfg.client_ranks()))
     dims = lora.module_dims(host.model)
     trainer = ClientTrainer(cfg, host, build_strategy(cfg, dims))
     head = lora.get_head(host.model, host.ensure_rank(max(cfg.client_ranks())))
     rng = np.random.default_rng(seed)
-    data = [client_data(rng, int(n)) for n in rng.integers(20, 40, size=clients)]
+    data = [(make_data or client_data)(rng, int(n)) for n in rng.integers(20, 40, size=clients)]
     server = Server(cfg, trainer.strategy, dims, head, [len(d) for d in data])
     return trainer, server, data
 

@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
           f"{args.threads} torch thread(s); medians of {args.repeats}")
     print(f"load average before {' '.join(load_before)}, after {' '.join(load_after)}")
     print(f"| {'way':<34} | {'round samples/s':>15} | {'vs non-private':>14} | {'runs':<24} |")
-    print(f"|{'-' * 36}|{'-' * 17}:|{'-' * 15}:|{'-' * 26}|")
+    print(f"|{'-' * 36}|{'-' * 16}:|{'-' * 15}:|{'-' * 26}|")
     for way in WAYS:
         med = statistics.median(rates[way])
         runs = ", ".join(f"{r:.1f}" for r in rates[way])

@@ -53,7 +53,9 @@ def why_not_batched(trainer: ClientTrainer, round_idx: int, private: bool) -> st
 
 
 @dataclass
-class _Job:
+class Job:
+    """One client's part of a batched round: its downlink, data, rank, this round's batches and its losses."""
+
     client_id: int
     down: Downlink
     data: EncodedData
@@ -92,7 +94,7 @@ class Stacked:
         """What trains, in the order one-by-one training's optimizer holds it (each layer's A, B; then the head)."""
         return [t for m in self.layers for t in (self.A[m], self.B[m]) if t.requires_grad] + list(self.head.values())
 
-    def update(self, tr: ClientTrainer, k: int, job: "_Job", **fields) -> Update:
+    def update(self, tr: ClientTrainer, k: int, job: "Job", **fields) -> Update:
         """Client k's update: its own slice of the stacked tensors, in its own rank."""
         cfg = tr.cfg
         factors = {m: lora.LoraFactors(A=_numpy(self.A[m][k, : job.rank]), B=_numpy(self.B[m][k, :, : job.rank]),
@@ -102,7 +104,7 @@ class Stacked:
                       **fields)
 
 
-def stack_clients(tr: ClientTrainer, jobs: list[_Job]) -> Stacked:
+def stack_clients(tr: ClientTrainer, jobs: list[Job]) -> Stacked:
     """The jobs' starting factors and heads stacked; `requires_grad` says what the round's roles train."""
     cfg, host, model, device = tr.cfg, tr.host, tr.host.model, tr.host.device
     roles = tr.strategy.roles(jobs[0].down.round)
@@ -149,7 +151,7 @@ class BatchedRound:
         jobs = []
         for cid, down, data in clients:
             rng = np.random.default_rng([cfg.seed, down.round, cid])  # the batches one-by-one training draws
-            jobs.append(_Job(cid, down, data, down.rank, round_batches(data, cfg, rng), []))
+            jobs.append(Job(cid, down, data, down.rank, round_batches(data, cfg, rng), []))
         st = stack_clients(tr, jobs)
         dtype = st.dtype
         optimizer = make_optimizer(cfg, st.params(), list(st.head.values()))
@@ -158,8 +160,7 @@ class BatchedRound:
         steps = len(jobs[0].batches)
         # The union of a step's batches is cut into length-grouped chunks; gradients accumulate over them.
         budget = self.tokens_per_chunk or micro_batches.default_budget(device.type)
-        with _routed(model, st.layers, st.head_wrappers, st.A, st.B, st.ranks, st.scales, st.shared,
-                     st.head) as segments:
+        with _routed(model, st) as segments:
             for s in range(steps):
                 parts = [j.data.subset(j.batches[s]) for j in jobs]
                 sizes = np.array([len(p) for p in parts])
@@ -188,7 +189,7 @@ class BatchedRound:
                 for k, j in enumerate(jobs)]
 
 
-def _widest(A: torch.Tensor, jobs: list[_Job]) -> torch.Tensor:
+def _widest(A: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
     return A[max(range(len(jobs)), key=lambda k: jobs[k].rank)]
 
 
@@ -198,12 +199,12 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 @contextmanager
-def _routed(model, layers: dict, head_wrappers: dict, A: dict, B: dict, ranks: list[int], scales: torch.Tensor,
-            shared: dict | None, head: dict) -> Iterator[list[tuple[int, int, int]]]:
+def _routed(model, st: Stacked) -> Iterator[list[tuple[int, int, int]]]:
     """While inside, PEFT's own adapter path is off and hooks add to each row the LoRA term of the client that owns
     it (and apply that client's head). The yielded list holds (client, first row, end row) segments of the next
     forward; set it before each one. Client k uses only its own r_k slots, so its padded slots get no gradient.
     Segments are contiguous slices: each client's term is one matmul on its rows, no per-row gathers."""
+    A, B, shared, ranks, scales, head = st.A, st.B, st.shared, st.ranks, st.scales, st.head
     segments: list[tuple[int, int, int]] = []
     handles = []
 
@@ -235,9 +236,9 @@ def _routed(model, layers: dict, head_wrappers: dict, A: dict, B: dict, ranks: l
 
     model.base_model.disable_adapter_layers()  # PEFT's own LoRA and head copies are bypassed
     try:
-        for name, layer in layers.items():
+        for name, layer in st.layers.items():
             handles.append(layer.register_forward_hook(lora_hook(name)))
-        for name, wrapper in head_wrappers.items():
+        for name, wrapper in st.head_wrappers.items():
             handles.append(wrapper.register_forward_hook(head_hook(name, wrapper)))
         yield segments
     finally:

@@ -30,7 +30,7 @@ import torch
 from opacus.optimizers.optimizer import _generate_noise  # Opacus' own noise draw, as DPOptimizer makes it
 
 from fedlora import micro_batches
-from fedlora.batched import Stacked, _Job, concat, stack_clients
+from fedlora.batched import Stacked, Job, concat, stack_clients
 from fedlora.client import ClientTrainer, Downlink, EncodedData, Update, make_optimizer
 from fedlora.micro_batches import length_chunks
 from fedlora.models import to_device
@@ -133,7 +133,7 @@ class PrivateBatchedRound:
         jobs, states = [], []
         for cid, down, data, dp in clients:
             rng = np.random.default_rng([cfg.seed, down.round, cid])  # the batches one-by-one training draws
-            jobs.append(_Job(cid, down, data, down.rank, dp.batches(cfg, len(data), rng), []))
+            jobs.append(Job(cid, down, data, down.rank, dp.batches(cfg, len(data), rng), []))
             states.append(dp)
         st = stack_clients(tr, jobs)
         self._check_private(st, jobs)
@@ -177,7 +177,7 @@ class PrivateBatchedRound:
                           train_s=train_s / len(jobs), privacy=dp.report())
                 for k, (j, dp) in enumerate(zip(jobs, states))]
 
-    def _check_private(self, st: Stacked, jobs: list[_Job]) -> None:
+    def _check_private(self, st: Stacked, jobs: list[Job]) -> None:
         """Refuse what one-by-one DP-SGD refuses (a trained layer Opacus has no per-example gradient for, one
         with buffers): the same modules, made trainable for the check only."""
         roles = self.trainer.strategy.roles(jobs[0].down.round)

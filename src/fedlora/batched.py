@@ -10,8 +10,9 @@ optimizers with the same settings, each taking its own steps on its own batches 
 `local_steps` steps). Mixed ranks are zero-padded to the widest: a padded slot has a zero A row and B column, so
 both its gradients are exactly zero and it never moves.
 
-What it cannot keep exact, it refuses (`why_not_batched`), and the engine trains those rounds one by one:
-DP-SGD (per-example clipping per client), a method's client-side penalty or self-pruning (HetLoRA), a core
+DP-SGD clients train together in `batched_private` (per-example gradients, each client's own clipping, noise
+and accountant). What it cannot keep exact, it refuses (`why_not_batched`), and the engine trains those rounds
+one by one: a method's client-side penalty or self-pruning (HetLoRA), a core
 trained through a parametrization (Fed-SB), parts kept on the client (FedSA).
 
 PEFT has no multi-adapter-per-row training (its mixed-batch inference takes one adapter name per row and no
@@ -28,17 +29,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fedlora import lora
+from fedlora import lora, micro_batches
 from fedlora.client import ClientTrainer, Downlink, EncodedData, Update, make_optimizer, round_batches
+from fedlora.micro_batches import length_chunks
 from fedlora.models import to_device
 
 
 def why_not_batched(trainer: ClientTrainer, round_idx: int, private: bool) -> str | None:
-    """Why this round cannot train its clients together exactly, or None when it can."""
+    """Why this round cannot train its clients together exactly, or None when it can. DP-SGD rounds
+    (`private`) train together too, with each client's own clipping, noise and accountant
+    (`batched_private`); they are refused for the same reasons as the others."""
     strategy = trainer.strategy
     roles = strategy.roles(round_idx)
-    if private:
-        return "sample-level DP-SGD clips per example and client"
     if strategy.client_penalty or strategy.clients_change_rank:
         return f"{strategy.name} adds a client-side penalty or prunes ranks"
     if "R" in roles.train:
@@ -50,32 +52,10 @@ def why_not_batched(trainer: ClientTrainer, round_idx: int, private: bool) -> st
     return None
 
 
-# Padded tokens per forward: the union of a step's batches is sorted by length and cut into chunks of about this
-# many (rows x longest row), so rows of similar length share a chunk and little is padding. Gradients accumulate
-# over the chunks before each step: rows are independent, so chunking changes nothing but the work. On a CPU the
-# cost per token grows with the batch (measured on the embedded model, one thread: 80 rows at once took 1.3-1.6x
-# the time per token of 16-row batches), so chunks stay small there and the gain is the padding saved; a GPU
-# wants the largest batch that fits.
-TOKENS_PER_CHUNK_CPU = 1024
-TOKENS_PER_CHUNK_GPU = 65536
-
-
-def length_chunks(lengths: list[int], budget: int) -> list[np.ndarray]:
-    """Row indices sorted by length, cut where (rows x longest) would pass `budget` (a chunk holds >= 1 row)."""
-    order = np.argsort(lengths, kind="stable")
-    chunks, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[i] > budget:
-            chunks.append(np.array(current))
-            current = []
-        current.append(int(i))
-    if current:
-        chunks.append(np.array(current))
-    return chunks
-
-
 @dataclass
-class _Job:
+class Job:
+    """One client's part of a batched round: its downlink, data, rank, this round's batches and its losses."""
+
     client_id: int
     down: Downlink
     data: EncodedData
@@ -94,6 +74,70 @@ def concat(parts: list[EncodedData]) -> EncodedData:
     return EncodedData(ids, labels, prompt, answers, masks)
 
 
+@dataclass
+class Stacked:
+    """A round's clients' LoRA factors and heads as stacked tensors on the host's device: client k is slice k,
+    mixed ranks zero-padded to the widest. `shared` (FFA): the one frozen A every client's A is a prefix of."""
+
+    adapter: str
+    layers: dict
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    head_wrappers: dict
+    shared: dict[str, torch.Tensor] | None
+    scales: torch.Tensor
+    ranks: list[int]
+    dtype: torch.dtype
+
+    def params(self) -> list[torch.Tensor]:
+        """What trains, in the order one-by-one training's optimizer holds it (each layer's A, B; then the head)."""
+        return [t for m in self.layers for t in (self.A[m], self.B[m]) if t.requires_grad] + list(self.head.values())
+
+    def update(self, tr: ClientTrainer, k: int, job: "Job", **fields) -> Update:
+        """Client k's update: its own slice of the stacked tensors, in its own rank."""
+        cfg = tr.cfg
+        factors = {m: lora.LoraFactors(A=_numpy(self.A[m][k, : job.rank]), B=_numpy(self.B[m][k, :, : job.rank]),
+                                       scale=cfg.lora.scale(job.rank)) for m in self.layers}
+        return Update(client_id=job.client_id, rank=job.rank, factors=factors,
+                      head={name: _numpy(t[k]) for name, t in self.head.items()}, num_examples=len(job.data),
+                      **fields)
+
+
+def stack_clients(tr: ClientTrainer, jobs: list[Job]) -> Stacked:
+    """The jobs' starting factors and heads stacked; `requires_grad` says what the round's roles train."""
+    cfg, host, model, device = tr.cfg, tr.host, tr.host.model, tr.host.device
+    roles = tr.strategy.roles(jobs[0].down.round)
+    width = max(j.rank for j in jobs)
+    adapter = host.ensure_rank(width)  # only for its module set and dtype: its weights are not touched
+    model.set_adapter(adapter)
+    layers = lora.lora_layers(model)
+    starts = [tr.start_factors(j.down, j.client_id) for j in jobs]
+    dtype = next(iter(layers.values())).lora_A[adapter].weight.dtype
+    A, B = {}, {}
+    for m in layers:
+        A[m] = torch.zeros((len(jobs), width, tr.dims[m][1]), dtype=dtype, device=device)
+        B[m] = torch.zeros((len(jobs), tr.dims[m][0], width), dtype=dtype, device=device)
+        for k, (j, (factors, _)) in enumerate(zip(jobs, starts)):
+            A[m][k, : j.rank] = torch.as_tensor(factors[m].A, dtype=dtype)
+            B[m][k, :, : j.rank] = torch.as_tensor(factors[m].B, dtype=dtype)
+        A[m].requires_grad_("A" in roles.train)
+        B[m].requires_grad_("B" in roles.train)
+    # FFA: every client's A is a prefix of one frozen A; x·Aᵀ is then computed once for all rows and each
+    # client reads its first r_k columns.
+    shared = {m: _widest(A[m], jobs) for m in layers}
+    if "A" in roles.train or not all(torch.equal(A[m][k, : j.rank], shared[m][: j.rank])
+                                     for m in layers for k, j in enumerate(jobs)):
+        shared = None
+    scales = torch.tensor([cfg.lora.scale(j.rank) for j in jobs], dtype=dtype, device=device)
+    head_wrappers = lora.head_wrappers(model, adapter) if starts[0][1] else {}
+    head = {name: torch.stack([torch.as_tensor(h[name], device=device) for _, h in starts]).to(dtype)
+            for name in starts[0][1]}
+    for t in head.values():
+        t.requires_grad_(True)
+    return Stacked(adapter, layers, A, B, head, head_wrappers, shared, scales, [j.rank for j in jobs], dtype)
+
+
 class BatchedRound:
     """Trains the clients of one round together on the trainer's model host; returns their updates."""
 
@@ -103,47 +147,20 @@ class BatchedRound:
 
     def train(self, clients: list[tuple[int, Downlink, EncodedData]]) -> list[Update]:
         tr, cfg = self.trainer, self.trainer.cfg
-        host, model, device = tr.host, tr.host.model, tr.host.device
+        model, device = tr.host.model, tr.host.device
         jobs = []
         for cid, down, data in clients:
             rng = np.random.default_rng([cfg.seed, down.round, cid])  # the batches one-by-one training draws
-            jobs.append(_Job(cid, down, data, down.rank, round_batches(data, cfg, rng), []))
-        roles = tr.strategy.roles(jobs[0].down.round)
-        width = max(j.rank for j in jobs)
-        adapter = host.ensure_rank(width)  # only for its module set and dtype: its weights are not touched
-        model.set_adapter(adapter)
-        layers = lora.lora_layers(model)
-        starts = [tr.start_factors(j.down, j.client_id) for j in jobs]
-        dtype = next(iter(layers.values())).lora_A[adapter].weight.dtype
-        A, B = {}, {}
-        for m in layers:
-            A[m] = torch.zeros((len(jobs), width, tr.dims[m][1]), dtype=dtype, device=device)
-            B[m] = torch.zeros((len(jobs), tr.dims[m][0], width), dtype=dtype, device=device)
-            for k, (j, (factors, _)) in enumerate(zip(jobs, starts)):
-                A[m][k, : j.rank] = torch.as_tensor(factors[m].A, dtype=dtype)
-                B[m][k, :, : j.rank] = torch.as_tensor(factors[m].B, dtype=dtype)
-            A[m].requires_grad_("A" in roles.train)
-            B[m].requires_grad_("B" in roles.train)
-        # FFA: every client's A is a prefix of one frozen A; x·Aᵀ is then computed once for all rows and each
-        # client reads its first r_k columns.
-        shared = {m: _widest(A[m], jobs) for m in layers}
-        if "A" in roles.train or not all(torch.equal(A[m][k, : j.rank], shared[m][: j.rank])
-                                         for m in layers for k, j in enumerate(jobs)):
-            shared = None
-        scales = torch.tensor([cfg.lora.scale(j.rank) for j in jobs], dtype=dtype, device=device)
-        head_wrappers = lora.head_wrappers(model, adapter) if starts[0][1] else {}
-        head = {name: torch.stack([torch.as_tensor(h[name], device=device) for _, h in starts]).to(dtype)
-                for name in starts[0][1]}
-        for t in head.values():
-            t.requires_grad_(True)
-        params = [t for m in layers for t in (A[m], B[m]) if t.requires_grad] + list(head.values())
-        optimizer = make_optimizer(cfg, params, list(head.values()))
+            jobs.append(Job(cid, down, data, down.rank, round_batches(data, cfg, rng), []))
+        st = stack_clients(tr, jobs)
+        dtype = st.dtype
+        optimizer = make_optimizer(cfg, st.params(), list(st.head.values()))
 
         start = time.perf_counter()
         steps = len(jobs[0].batches)
-        budget = self.tokens_per_chunk or (TOKENS_PER_CHUNK_GPU if device.type == "cuda" else TOKENS_PER_CHUNK_CPU)
-        ranks = [j.rank for j in jobs]
-        with _routed(model, layers, head_wrappers, A, B, ranks, scales, shared, head) as segments:
+        # The union of a step's batches is cut into length-grouped chunks; gradients accumulate over them.
+        budget = self.tokens_per_chunk or micro_batches.default_budget(device.type)
+        with _routed(model, st) as segments:
             for s in range(steps):
                 parts = [j.data.subset(j.batches[s]) for j in jobs]
                 sizes = np.array([len(p) for p in parts])
@@ -166,20 +183,13 @@ class BatchedRound:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         train_s = time.perf_counter() - start
-
-        updates = []
-        for k, j in enumerate(jobs):
-            factors = {m: lora.LoraFactors(A=_numpy(A[m][k, : j.rank]), B=_numpy(B[m][k, :, : j.rank]),
-                                           scale=cfg.lora.scale(j.rank)) for m in layers}
-            updates.append(Update(
-                client_id=j.client_id, rank=j.rank, factors=factors,
-                head={name: _numpy(t[k]) for name, t in head.items()}, num_examples=len(j.data),
-                train_loss=float(np.mean(j.losses)), steps=steps, samples=int(sum(len(b) for b in j.batches)),
-                train_s=train_s / len(jobs)))  # the round's time, shared: the clients ran as one
-        return updates
+        # The round's time, shared: the clients ran as one.
+        return [st.update(tr, k, j, train_loss=float(np.mean(j.losses)), steps=steps,
+                          samples=int(sum(len(b) for b in j.batches)), train_s=train_s / len(jobs))
+                for k, j in enumerate(jobs)]
 
 
-def _widest(A: torch.Tensor, jobs: list[_Job]) -> torch.Tensor:
+def _widest(A: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
     return A[max(range(len(jobs)), key=lambda k: jobs[k].rank)]
 
 
@@ -189,12 +199,12 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 @contextmanager
-def _routed(model, layers: dict, head_wrappers: dict, A: dict, B: dict, ranks: list[int], scales: torch.Tensor,
-            shared: dict | None, head: dict) -> Iterator[list[tuple[int, int, int]]]:
+def _routed(model, st: Stacked) -> Iterator[list[tuple[int, int, int]]]:
     """While inside, PEFT's own adapter path is off and hooks add to each row the LoRA term of the client that owns
     it (and apply that client's head). The yielded list holds (client, first row, end row) segments of the next
     forward; set it before each one. Client k uses only its own r_k slots, so its padded slots get no gradient.
     Segments are contiguous slices: each client's term is one matmul on its rows, no per-row gathers."""
+    A, B, shared, ranks, scales, head = st.A, st.B, st.shared, st.ranks, st.scales, st.head
     segments: list[tuple[int, int, int]] = []
     handles = []
 
@@ -226,9 +236,9 @@ def _routed(model, layers: dict, head_wrappers: dict, A: dict, B: dict, ranks: l
 
     model.base_model.disable_adapter_layers()  # PEFT's own LoRA and head copies are bypassed
     try:
-        for name, layer in layers.items():
+        for name, layer in st.layers.items():
             handles.append(layer.register_forward_hook(lora_hook(name)))
-        for name, wrapper in head_wrappers.items():
+        for name, wrapper in st.head_wrappers.items():
             handles.append(wrapper.register_forward_hook(head_hook(name, wrapper)))
         yield segments
     finally:

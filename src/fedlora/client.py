@@ -20,6 +20,7 @@ from fedlora.devices import model_device, to_device
 from fedlora.encoding import EncodedData, collate, encode  # noqa: F401  (re-exported)
 from fedlora.host import ModelHost
 from fedlora.lora import fresh_factors  # noqa: F401  (re-exported)
+from fedlora.micro_batches import default_budget, length_chunks
 from fedlora.protocol import Downlink, Update  # noqa: F401  (re-exported)
 from fedlora.strategies import LoraFactors, Strategy
 
@@ -62,12 +63,18 @@ class TrainingSession:
     optimizer: torch.optim.Optimizer
     batches: list[np.ndarray]
     set_to_none: bool = True
+    # DP-SGD: each batch runs as length-grouped micro-batches whose clipped per-example gradients add up before
+    # the batch's one noisy step (`accumulate` after each piece but the last; see fedlora.dp.sample).
+    micro_batched: bool = False
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
 
     def empty_step(self) -> None:
         raise RuntimeError("an empty batch outside DP-SGD")  # shuffled batches are never empty
+
+    def accumulate(self) -> None:
+        raise RuntimeError("micro-batches outside DP-SGD")
 
 
 @contextmanager
@@ -107,6 +114,9 @@ class ClientTrainer:
         self.pad_id = host.tokenizer.pad_token_id or 0
         self.dims = lora.module_dims(host.model)
         self.task = host.task
+        # Padded tokens per DP-SGD micro-batch: None, the device's default; 0, each Poisson batch in one forward
+        # padded to its longest row (the path before micro-batching, kept for benchmarks and tests).
+        self.dp_tokens_per_chunk: int | None = None
 
     def start_factors(self, down: Downlink, client_id: int) -> tuple[dict[str, LoraFactors], dict[str, np.ndarray]]:
         """(factors in the client's own scale, head) the client starts the round from: the downlink, a fresh LoRA
@@ -193,19 +203,35 @@ class ClientTrainer:
                 if len(idx) == 0:
                     session.empty_step()  # an empty Poisson batch still takes a (noise-only) step
                     continue
-                batch = to_device(self.task.collate(data, idx, self.pad_id), self.host.device)
-                loss = self.task.loss(session.module, batch)
-                if penalty:
-                    loss = loss + self._tail_penalty(adapter)
-                loss.backward()
-                session.optimizer.step()
-                session.zero_grad()
-                losses.append(float(loss.detach()))
+                pieces = self._pieces(data, idx) if session.micro_batched else [idx]
+                total = 0.0
+                for i, piece in enumerate(pieces):
+                    batch = to_device(self.task.collate(data, piece, self.pad_id), self.host.device)
+                    loss = self.task.loss(session.module, batch)
+                    if penalty:
+                        loss = loss + self._tail_penalty(adapter)
+                    loss.backward()
+                    if i < len(pieces) - 1:
+                        session.accumulate()  # clip this piece's examples into the batch's sum; no step yet
+                    else:
+                        session.optimizer.step()
+                    session.zero_grad()
+                    value = float(loss.detach())
+                    total += value * len(piece)
+                losses.append(value if len(pieces) == 1 else total / len(idx))
                 samples += len(idx)
         train_s = time.perf_counter() - start
         for p in params:
             p.requires_grad_(False)
         return losses, samples, train_s, tail_before
+
+    def _pieces(self, data: EncodedData, idx: np.ndarray) -> list[np.ndarray]:
+        """The micro-batches of one DP-SGD batch: its rows by length, cut to the token budget."""
+        budget = self.dp_tokens_per_chunk
+        if budget == 0:
+            return [idx]
+        budget = budget or default_budget(self.host.device.type)
+        return [idx[c] for c in length_chunks([len(data.input_ids[i]) for i in idx], budget)]
 
     # The tail penalty (HetLoRA): on the tail slots of the factors, so a client can prune its own rank.
     def _tail_norm(self, adapter: str) -> float:
@@ -229,9 +255,15 @@ def personal_key(module: str, part: str) -> str:
 def client_round(trainer: "ClientTrainer", client_id: int, down: Downlink, data: EncodedData, dp=None) -> Update | str:
     """One client's round, the same on every engine: it sits out (returns why) when its next round would push
     its DP budget past the target; otherwise it trains and returns its update."""
-    if dp is not None and not dp.can_train(trainer.cfg.local_steps()):
+    why = sits_out(trainer.cfg, dp)
+    return why if why is not None else trainer.train(client_id, down, data, dp=dp)
+
+
+def sits_out(cfg: ExperimentConfig, dp) -> str | None:
+    """Why a client with DP-SGD state `dp` sits this round out (its budget), or None when it trains."""
+    if dp is not None and not dp.can_train(cfg.local_steps()):
         return f"privacy budget exhausted (epsilon={dp.target_epsilon})"
-    return trainer.train(client_id, down, data, dp=dp)
+    return None
 
 
 def evaluate(host: ModelHost, adapter: str, data: EncodedData, batch_size: int) -> tuple[float, float]:

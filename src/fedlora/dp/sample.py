@@ -87,26 +87,45 @@ class SamplePrivacy:
         return cls(d["noise_multiplier"], d["sample_rate"], d["clip"], d["delta"], d["target_epsilon"],
                    ClientAccountant.from_state_dict(d["accountant"]), int(d["noise_root"]))
 
+    def batches(self, cfg: ExperimentConfig, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """This round's Poisson batches (q = expected batch / n), the sampling the accountant analyses."""
+        return poisson_batches(n, self.sample_rate, cfg.local_steps(), rng)
+
+    def noise_generator(self, round_idx: int, client_id: int, device: torch.device) -> torch.Generator:
+        """This client's DP-SGD noise generator for one round, derived from its private noise root."""
+        seed = np.random.SeedSequence([self.noise_root, round_idx, client_id, 7]).generate_state(2, np.uint64)[0]
+        return torch.Generator(device=device).manual_seed(int(seed) & (2**63 - 1))
+
     @contextmanager
     def session(self, cfg: ExperimentConfig, model, optimizer, n: int, rng: np.random.Generator, round_idx: int,
                 client_id: int):
         """This client's DP-SGD session for one round: Poisson batches (q = expected batch / n), Opacus'
         per-example clipping and Gaussian noise, and its accountant charged for every step taken."""
-        batches = poisson_batches(n, self.sample_rate, cfg.local_steps(), rng)
-        seed = np.random.SeedSequence([self.noise_root, round_idx, client_id, 7]).generate_state(2, np.uint64)[0]
+        batches = self.batches(cfg, n, rng)
         with private_training(
             model, optimizer, noise_multiplier=self.noise_multiplier, clip=self.clip,
             expected_batch_size=cfg.local_batch_size(),
-            generator=torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed) & (2**63 - 1)),
+            generator=self.noise_generator(round_idx, client_id, next(model.parameters()).device),
             accountant=self.accountant, sample_rate=self.sample_rate, clip_groups=clip_groups(cfg, model),
         ) as (module, dp_optimizer):
-            session = TrainingSession(module, dp_optimizer, batches, set_to_none=False)
+            session = TrainingSession(module, dp_optimizer, batches, set_to_none=False, micro_batched=True)
 
             def empty_step() -> None:
                 noise_only_step(dp_optimizer)
                 dp_optimizer.zero_grad()
 
+            def accumulate() -> None:
+                # Opacus' virtual step (what its BatchMemoryManager does): a skipped step clips this micro-batch's
+                # per-example gradients into `summed_grad` and stops there: no noise, no update, no accounting;
+                # zero_grad then drops the per-example gradients and keeps the sum. The batch's last micro-batch
+                # takes the real step: its examples are clipped into the same sum, noise is added once and the
+                # sum divided by the expected batch size (accumulated_iterations is 1: one backward since the last
+                # zero_grad), exactly the padded step's arithmetic on the same examples.
+                dp_optimizer.signal_skip_step(True)
+                dp_optimizer.step()
+
             session.empty_step = empty_step
+            session.accumulate = accumulate
             yield session
 
 

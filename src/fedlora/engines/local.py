@@ -11,7 +11,8 @@ import numpy as np
 
 from fedlora import compression
 from fedlora.batched import BatchedRound, why_not_batched
-from fedlora.client import ClientTrainer, client_round, evaluate
+from fedlora.batched_private import PrivateBatchedRound
+from fedlora.client import ClientTrainer, client_round, evaluate, sits_out
 from fedlora.client_state import CLIENT_STATE_DIR, ClientStateStore
 from fedlora.dp import SamplePrivacy
 from fedlora.federated_run import RoundReplies, Run, Transport
@@ -56,10 +57,18 @@ class LocalTransport(Transport):
         """(client, downlink, its update or why it sat out), in client order: the round's clients trained together
         when `federation.batched_clients` allows it and it stays exact, else one by one."""
         if self._batched(run, clients):
-            downs = [run.server.downlink(c) for c in clients]
-            updates = BatchedRound(self.trainer).train(
-                [(c, d, run.data.clients[c]) for c, d in zip(clients, downs)])
-            yield from zip(clients, downs, updates)
+            downs = {c: run.server.downlink(c) for c in clients}
+            if not self.client_privacy:
+                updates = BatchedRound(self.trainer).train([(c, downs[c], run.data.clients[c]) for c in clients])
+                yield from zip(clients, downs.values(), updates)
+                return
+            # DP-SGD: a client whose next round would pass its budget sits out, as in `client_round`.
+            why = {c: sits_out(run.cfg, self.client_privacy[c]) for c in clients}
+            ready = [c for c in clients if why[c] is None]
+            trained = dict(zip(ready, PrivateBatchedRound(self.trainer).train(
+                [(c, downs[c], run.data.clients[c], self.client_privacy[c]) for c in ready]))) if ready else {}
+            for c in clients:
+                yield c, downs[c], trained.get(c, why[c])
             return
         for c in clients:
             down = run.server.downlink(c)

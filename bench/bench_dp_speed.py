@@ -1,6 +1,6 @@
 """DP-SGD round speed against the non-private batched round, before and after, side by side in one process.
 
-    flock /work/notes/cpu.lock python bench/bench_dp_speed.py            # default experiment, 3 repeats
+    python bench/bench_dp_speed.py                                       # default experiment, 3 repeats
     python bench/bench_dp_speed.py --repeats 1 --dp-steps 2 --steps 6     # quicker
 
 One round of the default experiment (MiniLM, rotten tomatoes, the default federation and DP recipe: expected

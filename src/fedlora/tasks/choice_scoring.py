@@ -32,6 +32,9 @@ def option_logprobs(model, prompts: list[np.ndarray], options: list[list[np.ndar
     import torch
 
     pairs = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
+    # Longest first, so each batch holds sequences of about one length (little padding); results go back by
+    # (prompt, option), so the order changes nothing but the time.
+    pairs.sort(key=lambda p: -(len(prompts[p[0]]) + len(options[p[0]][p[1]])))
     out = [np.zeros(len(opts)) for opts in options]
     device = model_device(model)
     with torch.inference_mode():

@@ -32,6 +32,7 @@ def main(argv: list[str]) -> int:
 
     from fedlora import lora
     from fedlora.batched import BatchedRound, why_not_batched
+    from fedlora.bench.gpu_sections import relative_change_gap
     from fedlora.client import ClientTrainer, collate
     from fedlora.tasks.classification import evaluate_classifier
     from fedlora.config import load_config
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> int:
                 seconds = time.perf_counter() - t0
                 samples = sum(u.samples for u in out[way])
                 (one_sps if way == "one" else batched_sps).append(samples / seconds)
-            gaps.append(max(_relative_change_gap(a, b, d) for a, b, (_, d, _) in zip(out["one"], out["batched"], jobs)))
+            gaps.append(max(relative_change_gap(a, b, d) for a, b, (_, d, _) in zip(out["one"], out["batched"], jobs)))
         one, bat = statistics.median(one_sps), statistics.median(batched_sps)
         print(f"{k:>7} {one:>21.1f} {bat:>18.1f} {bat / one:>5.2f}x {max(gaps):>16.2e}")
 
@@ -91,16 +92,6 @@ def main(argv: list[str]) -> int:
     print(f"eval ({len(test)} examples, batch {cfg.eval.batch_size}): sorted {s:.1f} ex/s, stored order {p:.1f} ex/s "
           f"({s / p:.2f}x); accuracies {sorted(accs)}")
     return 0
-
-
-def _relative_change_gap(a, b, down) -> float:
-    num = den = 0.0
-    for m, f in a.factors.items():
-        s = down.factors[m]
-        for x, y, x0 in ((f.A, b.factors[m].A, s.A), (f.B, b.factors[m].B, s.B * (s.scale / f.scale))):
-            num += float(np.sum((np.float64(y) - x) ** 2))
-            den += float(np.sum((np.float64(x) - x0) ** 2))
-    return (num / den) ** 0.5 if den else 0.0
 
 
 @torch.inference_mode()

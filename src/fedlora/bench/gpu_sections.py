@@ -167,14 +167,15 @@ def batched_vs_one_by_one(sizes: Sizes) -> Iterator[dict]:
                     else BatchedRound(trainer).train(jobs)
                 if rep > 0:  # repeat 0 warms both ways up (allocator, kernels)
                     speed[way].append(sum(u.samples for u in out[way]) / (time.perf_counter() - t0))
-            gap = max([gap] + [_change_gap(a, b, d) for a, b, (_, d, _) in zip(out["one"], out["batched"], jobs)])
+            gap = max([gap] + [relative_change_gap(a, b, d) for a, b, (_, d, _) in zip(out["one"], out["batched"], jobs)])
         one, bat = statistics.median(speed["one"]), statistics.median(speed["batched"])
         yield {"clients": k, "local_steps": sizes.batched_steps, "one_by_one_samples_per_s": one,
                "batched_samples_per_s": bat, "speedup": bat / one, "max_change_diff": gap}
 
 
-def _change_gap(a, b, down) -> float:
-    """‖change_b − change_a‖ / ‖change_a‖ over every factor, each change from the downlink in the client's scale."""
+def relative_change_gap(a, b, down) -> float:
+    """‖change_b − change_a‖ / ‖change_a‖ over every factor, each change from the downlink in the client's scale
+    (how far batched training `b` lands from one-by-one `a`; bench/bench_batched.py reports it too)."""
     num = den = 0.0
     for m, f in a.factors.items():
         s = down.factors[m]

@@ -125,7 +125,8 @@ def summarize(cfg: ExperimentConfig, summary: dict, coins: np.ndarray, final: np
     }
 
 
-def _num(x) -> str:
+def format_number(x) -> str:
+    """An audit figure for the report: n/a (None), inf, or 3 significant digits."""
     return "n/a" if x is None else ("inf" if isinstance(x, float) and math.isinf(x) else f"{x:.3g}")
 
 
@@ -139,13 +140,14 @@ def write_audit(folder: Path, report: dict, final: np.ndarray, coins: np.ndarray
         "# Privacy audit (client-level DP)", "",
         f"Threat model: {report['threat_model']}.", "",
         "| quantity | epsilon |", "| --- | --- |",
-        f"| accountant (delta = {report['delta']:g}) | {_num(report['epsilon_accountant'])} |",
-        f"| one-shot estimate (Andrew et al.; mu = {_num(one['mu'])}) | {_num(one['epsilon'])} |",
+        f"| accountant (delta = {report['delta']:g}) | {format_number(report['epsilon_accountant'])} |",
+        f"| one-shot estimate (Andrew et al.; mu = {format_number(one['mu'])}) | {format_number(one['epsilon'])} |",
         f"| lower bound, final model ({lb['confidence']:.0%}, {lb['correct']}/{lb['guesses']} guesses right) "
-        f"| {_num(lb['epsilon'])} |",
-        f"| lower bound, every round's model ({lb_all['correct']}/{lb_all['guesses']}) | {_num(lb_all['epsilon'])} |",
+        f"| {format_number(lb['epsilon'])} |",
+        f"| lower bound, every round's model ({lb_all['correct']}/{lb_all['guesses']}) "
+        f"| {format_number(lb_all['epsilon'])} |",
         "", f"Canaries: {c['total']} ({c['inserted']} inserted, {c['unseen']} unseen), {c['dimension']} coordinates; "
-        f"sigma {_num(report['noise_multiplier'])}, q {report['sample_rate']:.3g}, {report['rounds']} rounds, "
+        f"sigma {format_number(report['noise_multiplier'])}, q {report['sample_rate']:.3g}, {report['rounds']} rounds, "
         f"clip {report['clip']:g}; {report['seconds']} s.", "",
         "A lower bound above the accountant's epsilon means the code leaks more than it claims (a bug). A lower "
         "bound below it proves nothing about the claim's tightness: one run with few guesses cannot certify a large "

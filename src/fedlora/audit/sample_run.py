@@ -13,7 +13,6 @@ The audited run exports no adapter (it holds the canaries); a normal run never b
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from fedlora.api import as_config
 from fedlora.audit.gradient_canaries import AuditedSamplePrivacy, GradientCanaries
 from fedlora.audit.input_canaries import (global_losses, mislabelled, random_token_canaries, unused_held_out,
                                           with_examples)
-from fedlora.audit.run import AuditResult
+from fedlora.audit.run import AuditResult, format_number
 from fedlora.audit.stats import one_run_epsilon_lower_bound, one_shot_epsilon
 from fedlora.config import ExperimentConfig
 from fedlora.errors import UserError
@@ -121,7 +120,8 @@ def audit_sample(config=None, *, overrides=(), canaries: int = 500, out: str | P
                             ever_sampled=gradient.ever_sampled(), steps=gradient.steps,
                             epsilon_lower_bound_raw=one_run_epsilon_lower_bound(
                                 gradient.scores_raw, white_coins, cfg.privacy.delta, confidence)),
-        "black_box": {"threat_model": BLACK_BOX.format(what=CANARY_KIND[cfg.task]), **scored(drop, black_coins, cfg.privacy.delta, confidence)}
+        "black_box": {"threat_model": BLACK_BOX.format(what=CANARY_KIND[cfg.task]),
+                      **scored(drop, black_coins, cfg.privacy.delta, confidence)}
         if drop is not None else {"skipped": black_note},
         "final_accuracy": summary.get("final_accuracy"),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -140,20 +140,16 @@ def scored(scores: np.ndarray, coins: np.ndarray, delta: float, confidence: floa
     }
 
 
-def _num(x) -> str:
-    return "n/a" if x is None else ("inf" if isinstance(x, float) and math.isinf(x) else f"{x:.3g}")
-
-
 def _rows(name: str, part: dict) -> list[str]:
     lb, one = part["epsilon_lower_bound"], part["epsilon_one_shot"]
     c = part["canaries"]
-    rows = [f"| {name}: one-shot estimate (mu = {_num(one['mu'])}) | {_num(one['epsilon'])} |",
+    rows = [f"| {name}: one-shot estimate (mu = {format_number(one['mu'])}) | {format_number(one['epsilon'])} |",
             f"| {name}: lower bound ({lb['confidence']:.0%}, {lb['correct']}/{lb['guesses']} guesses right, "
-            f"{c['inserted']} of {c['total']} canaries inserted) | {_num(lb['epsilon'])} |"]
+            f"{c['inserted']} of {c['total']} canaries inserted) | {format_number(lb['epsilon'])} |"]
     if "epsilon_lower_bound_raw" in part:
         raw = part["epsilon_lower_bound_raw"]
         rows.append(f"| {name}: lower bound, noisy gradients alone ({raw['correct']}/{raw['guesses']}) "
-                    f"| {_num(raw['epsilon'])} |")
+                    f"| {format_number(raw['epsilon'])} |")
     return rows
 
 
@@ -164,10 +160,11 @@ def write_audit(folder: Path, report: dict, white: np.ndarray, white_coins: np.n
     lines = ["# Privacy audit (sample-level DP, client 0)", "",
              f"White-box threat model: {report['threat_model']}.", "",
              "| quantity | epsilon |", "| --- | --- |",
-             f"| accountant, client 0 (delta = {report['delta']:g}) | {_num(report['epsilon_accountant'])} |",
+             f"| accountant, client 0 (delta = {report['delta']:g}) | {format_number(report['epsilon_accountant'])} |",
              *_rows("white-box", w)]
     lines += _rows("black-box", b) if "skipped" not in b else []
-    lines += ["", f"sigma {_num(report['noise_multiplier'])}, q {report['sample_rate']:.3g}, {report['dp_steps']} "
+    lines += ["", f"sigma {format_number(report['noise_multiplier'])}, q {report['sample_rate']:.3g}, "
+              f"{report['dp_steps']} "
               f"DP steps of client 0 ({w['ever_sampled']} inserted white-box canaries sampled at least once); "
               f"{report['seconds']} s.", ""]
     lines += [f"Black-box: {b['skipped']}." if "skipped" in b else f"Black-box threat model: {b['threat_model']}.", ""]

@@ -24,7 +24,6 @@ from fedlora.config_sections import (  # noqa: F401  (re-exported)
     DataConfig,
     DPOptimConfig,
     EvalConfig,
-    FlaasConfig,
     FederationConfig,
     LoraConfigSection,
     ModelConfig,
@@ -35,6 +34,7 @@ from fedlora.config_sections import (  # noqa: F401  (re-exported)
     _Section,
 )
 from fedlora.errors import ConfigError, RoundFailed, UserError  # noqa: F401  (re-exported)
+from fedlora.flaas.section import FlaasConfig  # noqa: F401  (re-exported)
 from fedlora.strategies import get_strategy
 from fedlora.task_names import TASK_NAMES
 
